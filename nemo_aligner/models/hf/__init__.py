@@ -1,0 +1,127 @@
+"""Load and save Hugging Face checkpoints (config.json + safetensors) as GPTModel, with no conversion step.
+
+    model = load_pretrained("/models/Llama-3.2-1B", dtype="bf16")
+    save_pretrained(model, "/results/hf", tokenizer=tok)
+
+Only safetensors are read and no code from the checkpoint folder is ever executed.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from nemo_aligner.models.gpt import GPTConfig, GPTModel
+from nemo_aligner.models.hf.common import (
+    DTYPE_NAMES, atomic_dir, finish_atomic_dir, read_config, read_tensors, resolve_dtype, weight_files,
+    write_safetensors,
+)
+from nemo_aligner.models.hf.gpt2 import GPT2Family
+from nemo_aligner.models.hf.llama import LlamaFamily
+from nemo_aligner.models.hf.mistral import MistralFamily
+from nemo_aligner.models.hf.qwen2 import Qwen2Family
+
+FAMILIES = {f.model_type: f for f in (LlamaFamily(), MistralFamily(), Qwen2Family(), GPT2Family())}
+SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
+
+__all__ = ["FAMILIES", "SUPPORTED_MODEL_TYPES", "config_from_pretrained", "load_pretrained", "save_pretrained",
+           "infer_model_type"]
+
+
+def _family(model_type, source: str):
+    if model_type not in FAMILIES:
+        raise ValueError(f"{source}: model_type {model_type!r} is not supported; "
+                         f"supported types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return FAMILIES[model_type]
+
+
+def config_from_pretrained(path) -> tuple[GPTConfig, str]:
+    """(GPTConfig, model_type) from a Hugging Face folder's config.json."""
+    path = Path(path)
+    hf = read_config(path)
+    source = str(path / "config.json")
+    family = _family(hf.get("model_type"), source)
+    try:
+        return family.config_from_hf(hf, source), family.model_type
+    except KeyError as err:
+        raise ValueError(f"{source}: missing key {err} required for model_type {family.model_type!r}") from None
+
+
+def load_pretrained(path, dtype="fp32", device="cpu") -> GPTModel:
+    """Build a GPTModel from a Hugging Face folder. dtype: fp32 | bf16 | fp16 (or a torch dtype)."""
+    path = Path(path)
+    dtype = resolve_dtype(dtype)
+    config, model_type = config_from_pretrained(path)
+    family = FAMILIES[model_type]
+    files = weight_files(path)
+    names = [n for n in files if not family.is_ignored(n)]
+    if config.share_embeddings_and_output_weights:
+        names = [n for n in names if n != "lm_head.weight"]  # some writers store the tied copy too
+    hf_tensors = read_tensors(files, names, dtype)
+    try:
+        tensors, sources = family.from_hf(hf_tensors)
+    except KeyError as err:
+        name = err.args[0]
+        raise ValueError(f"{files[name]}: unexpected tensor {name!r} for model_type {model_type!r}") from None
+    with torch.device("meta"):
+        model = GPTModel(config)
+    _check_tensors(model, tensors, sources, files, path)
+    model.load_state_dict(tensors, assign=True, strict=True)
+    model.hf_model_type = model_type
+    return model.to(device)
+
+
+def _check_tensors(model, tensors, sources, files, path):
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensor(s) that config.json implies, "
+                         f"e.g. {missing[:3]} (our names)")
+    for name, shape in expected.items():
+        got = tuple(tensors[name].shape)
+        if got != shape:
+            source = sources[name]
+            raise ValueError(f"{files[source]}: tensor {source!r} has shape {list(got)} but config.json implies "
+                             f"{list(shape)} for {name!r}")
+
+
+def infer_model_type(config: GPTConfig) -> str:
+    """The family a from-scratch config exports as when none is named."""
+    if config.position_embedding_type == "learned_absolute":
+        return "gpt2"
+    if config.add_qkv_bias and not config.add_bias_linear:
+        return "qwen2"
+    if config.sliding_window is not None:
+        return "mistral"
+    return "llama"
+
+
+def hf_config_dict(model: GPTModel, model_type: str, dtype: torch.dtype, tokenizer=None) -> dict:
+    family = _family(model_type, "save_pretrained")
+    hf = {"model_type": model_type, "architectures": [family.architecture], **family.config_to_hf(model.config),
+          "torch_dtype": DTYPE_NAMES[dtype], "dtype": DTYPE_NAMES[dtype]}
+    if tokenizer is not None:
+        hf.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    return hf
+
+
+def save_pretrained(model: GPTModel, path, tokenizer=None, model_type: str | None = None, dtype=None,
+                    max_shard_size_bytes: int = 5 * 2**30, state_dict: dict | None = None) -> Path:
+    """Write a Hugging Face folder atomically (temporary folder renamed into place).
+
+    state_dict: our tensor names -> full tensors, when the caller has gathered them (e.g. from shards);
+    defaults to the model's own. dtype defaults to the parameters' dtype.
+    """
+    path = Path(path)
+    model_type = model_type or getattr(model, "hf_model_type", None) or infer_model_type(model.config)
+    tensors = state_dict if state_dict is not None else model.state_dict()
+    dtype = resolve_dtype(dtype) if dtype is not None else next(iter(tensors.values())).dtype
+    config = hf_config_dict(model, model_type, dtype, tokenizer)
+    hf_tensors = FAMILIES[model_type].to_hf({k: v.detach().to("cpu", dtype) for k, v in tensors.items()})
+    tmp = atomic_dir(path)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_safetensors(hf_tensors, tmp, max_shard_size_bytes)
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    finish_atomic_dir(tmp, path)
+    return path
