@@ -35,7 +35,7 @@ CONVERSATION = [
     {"role": "user", "content": "What is 2+2?"},
     {"role": "assistant", "content": "4"},
 ]
-NEMO_DUMMY_DPO = Path(__file__).resolve().parents[2] / "shared/data/nemo_aligner_format/dummy-dpo.jsonl"
+NEMO_DUMMY_DPO = Path(__file__).resolve().parent / "data/nemo_aligner_format/dummy-dpo.jsonl"
 
 
 def build_hf_folder(folder: Path, config: dict, corpus: list[str] = CORPUS, post_bos: bool = True) -> Path:
@@ -315,7 +315,6 @@ def test_extra_id_reproduces_nemo_aligner_prompt(hf_tok):
     assert rendered == prompt + "This is the chosen response.\n<extra_id_1>"
 
 
-@pytest.mark.skipif(not NEMO_DUMMY_DPO.is_file(), reason="NeMo-Aligner sample data not present")
 def test_extra_id_reproduces_every_dummy_dpo_row(hf_tok):
     for line in NEMO_DUMMY_DPO.read_text().splitlines():
         row = json.loads(line)

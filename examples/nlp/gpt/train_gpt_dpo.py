@@ -1,0 +1,36 @@
+"""DPO (and IPO, RPO, SimPO, ORPO, ...) training with NeMo-Aligner's command line.
+
+    python examples/nlp/gpt/train_gpt_dpo.py                       # the bundled CPU demo
+    python examples/nlp/gpt/train_gpt_dpo.py pretrained_checkpoint.restore_from_path=/hf/model \\
+        "model.data.data_prefix={train: [t.jsonl], validation: [v.jsonl], test: [v.jsonl]}" \\
+        exp_manager.explicit_log_dir=/results ++model.dpo.ref_policy_kl_penalty=0.1
+
+Config: conf/gpt_dpo.yaml (every key documented in nemo_aligner/config/schema.py).
+"""
+
+import sys
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from nemo_aligner.config import ConfigError, load_config
+from nemo_aligner.config.schema import DPORunConfig
+from nemo_aligner.recipes.dpo import run_dpo
+
+# The typed schema is the base of gpt_dpo.yaml: every documented key can be set without `+`,
+# and Hydra rejects unknown keys and wrong types before anything runs.
+ConfigStore.instance().store(name="dpo_schema", node=DPORunConfig)
+
+
+@hydra.main(config_path="conf", config_name="gpt_dpo", version_base="1.3")
+def main(raw: DictConfig) -> None:
+    try:
+        cfg = load_config(raw, DPORunConfig)
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
+    run_dpo(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Typed run configuration with NeMo-Aligner's key names; the YAML files under examples/ fill it in.
+
+Every field has a one-line doc. The schema is what makes unknown keys and wrong types fail at
+start-up (`nemo_aligner.config.load`); checks that need more than a type live in `__post_init__`
+and raise ValueError naming the full key.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+LOSS_CHOICES_DOC = "see nemo_aligner.losses.preference.LOSS_TYPES"
+
+
+def _choice(key: str, value, choices):
+    if value not in choices:
+        raise ValueError(f"{key}={value!r}; expected one of {list(choices)}")
+
+
+def _fraction_or_count(key: str, value, allow_zero=True):
+    """NeMo's convention: a float is a fraction (0..1], an int is a count."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key}={value!r}; expected an int (count) or a float fraction in (0, 1]")
+    if isinstance(value, float) and not (0.0 <= value <= 1.0) or (isinstance(value, int) and value < 0):
+        raise ValueError(f"{key}={value!r}; expected an int >= 0 or a float in [0, 1]")
+    if not allow_zero and value == 0:
+        raise ValueError(f"{key}=0; expected a positive count or fraction")
+
+
+# ---------------------------------------------------------------- trainer
+@dataclass
+class LoopConfig:
+    """trainer.dpo / trainer.sft: cadence of the training loop."""
+
+    max_epochs: int = 1  # passes over the training data
+    max_steps: int = -1  # optimiser steps; -1 = derived from max_epochs
+    val_check_interval: Any = 0.1  # int = every N steps, float = fraction of an epoch
+    save_interval: int = 100  # checkpoint every N steps (0 = only at the end)
+    limit_train_batches: Any = 1.0  # int = batches per epoch, float = fraction of the epoch
+    limit_val_batches: Any = 1.0  # int = batches, float = fraction, 0 = no validation
+    gradient_clip_val: float = 1.0  # max global grad norm; 0 = no clipping
+
+    def __post_init__(self):
+        _fraction_or_count("trainer.*.val_check_interval", self.val_check_interval, allow_zero=False)
+        _fraction_or_count("trainer.*.limit_train_batches", self.limit_train_batches, allow_zero=False)
+        _fraction_or_count("trainer.*.limit_val_batches", self.limit_val_batches)
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"trainer.*.max_steps={self.max_steps}; expected -1 or a positive integer")
+
+
+@dataclass
+class TrainerConfig:
+    num_nodes: int = 1  # machines (NeMo's default is 8; ours runs anywhere)
+    devices: int = 1  # processes (GPUs) per machine
+    accelerator: str = "auto"  # auto | cpu | gpu
+    precision: Any = 32  # 32 | bf16-mixed (fp32 master weights, bf16 autocast); bf16 and 16 accepted as aliases
+    log_every_n_steps: int = 1  # kept for NeMo command lines; every step is logged
+    max_time: Optional[str] = None  # kept for NeMo command lines; not enforced
+    dpo: LoopConfig = field(default_factory=LoopConfig)
+    sft: LoopConfig = field(default_factory=LoopConfig)
+
+    def __post_init__(self):
+        self.precision = str(self.precision)
+        _choice("trainer.precision", self.precision, ("32", "32-true", "bf16", "bf16-mixed", "16", "16-mixed"))
+        _choice("trainer.accelerator", self.accelerator, ("auto", "cpu", "gpu", "cuda"))
+
+
+# ---------------------------------------------------------------- exp_manager
+@dataclass
+class WandbKwargs:
+    project: Optional[str] = "nemo_aligner"
+    name: Optional[str] = None
+    mode: str = "offline"  # offline unless told otherwise (online needs an API key and network)
+
+
+@dataclass
+class CheckpointParams:
+    save_top_k: int = 3  # keep the k best checkpoints by `monitor` (plus the latest, for resume)
+    monitor: str = "val_loss"  # val_<metric> to rank checkpoints by
+    mode: str = "min"  # min | max
+    save_nemo_on_train_end: bool = True  # kept for NeMo command lines: the final model is exported as HF
+    always_save_nemo: bool = False  # kept for NeMo command lines
+    save_hf_every_checkpoint: bool = False  # also export a Hugging Face folder with every checkpoint
+    filename: Optional[str] = None  # kept for NeMo command lines
+    model_parallel_size: Optional[int] = None  # kept for NeMo command lines
+    save_best_model: bool = False  # kept for NeMo command lines
+
+    def __post_init__(self):
+        _choice("exp_manager.checkpoint_callback_params.mode", self.mode, ("min", "max"))
+
+
+@dataclass
+class ExpManagerConfig:
+    explicit_log_dir: Optional[str] = "results/dpo_demo"  # all outputs go here
+    exp_dir: Optional[str] = None  # used when explicit_log_dir is null: <exp_dir>/<name>
+    name: str = "run"
+    create_tensorboard_logger: bool = True
+    create_wandb_logger: bool = False
+    wandb_logger_kwargs: WandbKwargs = field(default_factory=WandbKwargs)
+    resume_if_exists: bool = True  # continue from <log_dir>/checkpoints/latest when present
+    resume_ignore_no_checkpoint: bool = True  # no checkpoint yet: start fresh instead of failing
+    create_checkpoint_callback: bool = True
+    checkpoint_callback_params: CheckpointParams = field(default_factory=CheckpointParams)
+    progress_bar: bool = True  # tqdm progress bar (off in CI logs is fine too)
+
+
+@dataclass
+class PretrainedCheckpoint:
+    restore_from_path: Optional[str] = None  # Hugging Face folder (config.json + safetensors); null = build from model.*
+
+
+# ---------------------------------------------------------------- model
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = None  # folder with tokenizer.json or a sentencepiece .model; null = the checkpoint's
+    type: str = "auto"  # auto | huggingface | sentencepiece
+
+
+@dataclass
+class DataConfig:
+    data_impl: str = "jsonl"  # jsonl | packed_jsonl (offline packs from prepare_packed_dpo_dataset.py)
+    data_prefix: Any = None  # {train: [files], validation: [files], test: [files]}
+    seq_length: Optional[int] = None  # max tokens per sequence (prompt + response); null = model.encoder_seq_length
+    default_chosen_reward: float = 1.0  # used by rpo_* when a row has no chosen_reward
+    default_rejected_reward: float = 0.0
+    overlength: str = "truncate"  # truncate (cut prompt from the left, then responses) | drop | error
+    prompt_key: Optional[str] = None  # column names; null = detect (prompt / instruction)
+    chosen_key: Optional[str] = None  # null = detect (chosen_response / chosen)
+    rejected_key: Optional[str] = None  # null = detect (rejected_response / rejected)
+    input_key: str = "input"  # ROLL's optional field appended to a string prompt
+    chat_template: Optional[str] = None  # built-in name (chatml, llama3, qwen2_5, extra_id, plain) or jinja; null = tokenizer's
+    add_bos: Optional[bool] = None  # prepend BOS to string prompts; null = when the tokenizer defines one
+    add_eos: bool = True  # append EOS to string responses that do not already end with it
+    shuffle: bool = True  # shuffle the training order each epoch (seeded by model.seed and the epoch)
+    packing: bool = False  # pack pairs online into rows of `pack_size` tokens (no padding)
+    pack_size: Optional[int] = None  # tokens per pack for online packing; null = seq_length * 2
+    packing_algorithm: str = "best_fit_decreasing"
+    num_workers: int = 0  # kept for NeMo command lines; data is tokenised up front
+
+    def __post_init__(self):
+        _choice("model.data.data_impl", self.data_impl, ("jsonl", "packed_jsonl", "parquet"))
+        _choice("model.data.overlength", self.overlength, ("truncate", "drop", "error"))
+
+
+@dataclass
+class SchedConfig:
+    name: str = "CosineAnnealing"  # CosineAnnealing | constant | linear
+    warmup_steps: int = 10
+    constant_steps: int = 1000  # NeMo: steps held at min_lr after the decay... see training/optim.py
+    min_lr: float = 9e-7
+    max_steps: Optional[int] = None  # decay horizon; null = the run's max steps
+
+    def __post_init__(self):
+        _choice("model.optim.sched.name", self.name, ("CosineAnnealing", "constant", "linear"))
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw (NeMo's distributed_fused_adam / fused_adam / adam map to AdamW)
+    lr: float = 9e-6
+    weight_decay: float = 0.1
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    sched: SchedConfig = field(default_factory=SchedConfig)
+
+    def __post_init__(self):
+        _choice("model.optim.name", self.name, ("adamw", "adam", "fused_adam", "distributed_fused_adam"))
+
+
+@dataclass
+class DPOConfig:
+    ref_policy_kl_penalty: float = 0.2  # beta
+    preference_loss: Any = "dpo"  # a loss name or a list of names (weighted by preference_loss_weights)
+    preference_loss_weights: Optional[list] = None  # weights when preference_loss is a list
+    preference_average_log_probs: bool = False  # divide each log-prob sum by its response-token count
+    sft_average_log_probs: Optional[bool] = None  # null = preference_average_log_probs
+    gt_reward_scale: float = 1.0  # scale of (chosen_reward - rejected_reward) in rpo_* losses
+    preference_loss_weight: float = 1.0
+    sft_loss_weight: float = 0.0
+    label_smoothing: float = 0.0  # cDPO epsilon (dpo/sigmoid), robust's epsilon
+    loss_kwargs: dict = field(default_factory=dict)  # extra loss parameters, e.g. {simpo_gamma: 0.5}
+    ref_mode: str = "precompute"  # precompute (cached log-probs, no reference weights) | online (frozen copy)
+    ref_cache_dir: Optional[str] = None  # where precomputed log-probs are cached; null = <log_dir>/ref_logps
+    log_prob_forward_micro_batch_size: Optional[int] = None  # pairs per forward when precomputing; null = micro_batch_size
+    logprob_chunk_size: int = 1024  # tokens per chunk of the output projection (memory vs speed)
+
+    def __post_init__(self):
+        _choice("model.dpo.ref_mode", self.ref_mode, ("precompute", "online"))
+        if self.preference_loss_weight == 0 and self.sft_loss_weight == 0:
+            raise ValueError("model.dpo.preference_loss_weight and model.dpo.sft_loss_weight are both 0; "
+                             "at least one must be non-zero")
+        if self.ref_policy_kl_penalty <= 0:
+            raise ValueError(f"model.dpo.ref_policy_kl_penalty={self.ref_policy_kl_penalty}; expected > 0")
+
+
+@dataclass
+class LoraConfig:
+    target_modules: list = field(default_factory=lambda: ["attention_qkv"])
+    adapter_dim: int = 32
+    alpha: Optional[float] = None  # null = adapter_dim (scale 1)
+    adapter_dropout: float = 0.0
+    column_init_method: str = "xavier"
+    row_init_method: str = "zero"
+
+
+@dataclass
+class PeftConfig:
+    peft_scheme: str = "none"  # none | lora
+    restore_from_path: Optional[str] = None
+    merge_on_export: bool = False
+    lora_tuning: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self):
+        _choice("model.peft.peft_scheme", self.peft_scheme, ("none",))  # lora lands with the LoRA issue
+
+
+@dataclass
+class ModelConfig:
+    # ---- batch and parallel layout
+    micro_batch_size: int = 1  # pairs per forward/backward
+    global_batch_size: int = 64  # pairs per optimiser step (accumulation fills the difference)
+    seed: int = 1234
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    encoder_seq_length: int = 4096  # max tokens per sequence (also the pack size with packed data)
+    # ---- architecture, used when pretrained_checkpoint.restore_from_path is null (Megatron key names)
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None
+    kv_channels: Optional[int] = None
+    normalization: str = "rmsnorm"
+    layernorm_epsilon: float = 1e-5
+    activation: str = "swiglu"
+    position_embedding_type: str = "rope"
+    rotary_base: float = 10000.0
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    max_position_embeddings: int = 4096
+    add_qkv_bias: bool = False
+    add_bias_linear: bool = False
+    share_embeddings_and_output_weights: bool = False
+    vocab_size: Optional[int] = None  # null = the tokenizer's vocabulary size
+    init_method_std: float = 0.02
+    # ---- memory / speed
+    activations_checkpoint_granularity: Optional[str] = None  # null | full (recompute each layer) | selective (= full)
+    activations_checkpoint_method: Optional[str] = None  # kept for NeMo command lines (uniform/block)
+    activations_checkpoint_num_layers: Optional[int] = None  # kept for NeMo command lines
+    sequence_parallel: bool = False  # with tensor parallel: shard norms/dropout activations over the sequence
+    megatron_amp_O2: bool = False  # kept for NeMo command lines; master weights are always fp32
+    mcore_gpt: bool = True  # kept for NeMo command lines
+    # ---- sections
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+
+    def __post_init__(self):
+        for key in ("micro_batch_size", "global_batch_size", "tensor_model_parallel_size",
+                    "pipeline_model_parallel_size", "encoder_seq_length"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.{key}={getattr(self, key)}; expected a positive integer")
+        if self.activations_checkpoint_granularity not in (None, "full", "selective"):
+            raise ValueError(f"model.activations_checkpoint_granularity={self.activations_checkpoint_granularity!r}; "
+                             "expected null, full or selective")
+
+    @property
+    def seq_length(self) -> int:
+        return self.data.seq_length or self.encoder_seq_length
+
+
+@dataclass
+class DPORunConfig:
+    """The whole of gpt_dpo.yaml."""
+
+    name: str = "megatron_gpt_dpo"
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig)
+    pretrained_checkpoint: PretrainedCheckpoint = field(default_factory=PretrainedCheckpoint)
+    model: ModelConfig = field(default_factory=ModelConfig)

@@ -1,0 +1,172 @@
+"""Read preference rows from jsonl/parquet and normalise every accepted shape into PreferenceExample.
+
+Accepted row shapes (see README "Data formats"):
+- NeMo-Aligner legacy: prompt (str, already templated), chosen_response / rejected_response (str)
+- NeMo-Aligner chat:   prompt (list of {role, content}), chosen_response / rejected_response ({role, content})
+- TRL standard:        prompt, chosen, rejected (str)
+- TRL conversational:  prompt (messages), chosen / rejected (lists of assistant messages); or no prompt
+                       at all, with chosen/rejected full conversations sharing the prompt turns
+- ROLL:                instruction (+ optional input appended), chosen, rejected; keys set by
+                       model.data.prompt_key / chosen_key / rejected_key
+Optional chosen_reward / rejected_reward on any shape.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+PROMPT_KEYS = ("prompt", "instruction")
+CHOSEN_KEYS = ("chosen_response", "chosen")
+REJECTED_KEYS = ("rejected_response", "rejected")
+
+
+class DataError(ValueError):
+    """A bad input row or file; the message names the file and line."""
+
+
+@dataclass
+class PreferenceExample:
+    prompt: str | list  # a templated string (used verbatim) or a list of messages (chat-templated)
+    chosen: str | list  # a string (verbatim) or a list of assistant messages
+    rejected: str | list
+    chosen_reward: float | None = None
+    rejected_reward: float | None = None
+    source: str = ""  # "file:line", for error messages and reports
+
+
+@dataclass
+class KeyMap:
+    prompt: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+    input: str = "input"
+
+
+def read_rows(path):
+    """Yield (line_number, row dict) from a .jsonl or .parquet file; bad JSON names file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    if path.suffix == ".parquet":
+        yield from _read_parquet(path)
+        return
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+            yield line_no, row
+
+
+def _read_parquet(path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs `pip install pyarrow`; or convert the file to jsonl") from None
+    for row_no, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+        yield row_no, row
+
+
+def _pick(row, explicit, candidates, what, where):
+    if explicit is not None:
+        if explicit not in row:
+            raise DataError(f"{where}: missing key {explicit!r} (set by model.data.{what}_key); row has {sorted(row)}")
+        return row[explicit]
+    for key in candidates:
+        if key in row:
+            return row[key]
+    raise DataError(f"{where}: missing {what}: expected one of {list(candidates)}; row has {sorted(row)}")
+
+
+def preference_from_row(row: dict, where: str, keys: KeyMap = KeyMap()) -> PreferenceExample:
+    chosen = _pick(row, keys.chosen, CHOSEN_KEYS, "chosen", where)
+    rejected = _pick(row, keys.rejected, REJECTED_KEYS, "rejected", where)
+    has_prompt = keys.prompt in row if keys.prompt else any(k in row for k in PROMPT_KEYS)
+    if has_prompt or keys.prompt:
+        prompt = _pick(row, keys.prompt, PROMPT_KEYS, "prompt", where)
+    else:  # TRL implicit prompt: the shared leading turns of two full conversations
+        prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected, where)
+    prompt = _with_input(prompt, row.get(keys.input), where)
+    return PreferenceExample(
+        prompt=_check_prompt(prompt, where),
+        chosen=_check_response(chosen, "chosen", where),
+        rejected=_check_response(rejected, "rejected", where),
+        chosen_reward=_reward(row, "chosen_reward", where),
+        rejected_reward=_reward(row, "rejected_reward", where),
+        source=where,
+    )
+
+
+def _with_input(prompt, extra, where):
+    # ROLL rows carry an optional `input` appended to the instruction.
+    if extra in (None, ""):
+        return prompt
+    if not isinstance(extra, str):
+        raise DataError(f"{where}: 'input' must be a string, got {type(extra).__name__}")
+    if isinstance(prompt, str):
+        return f"{prompt}\n{extra}" if prompt else extra
+    if prompt and prompt[-1].get("role") == "user":
+        return prompt[:-1] + [{**prompt[-1], "content": f"{prompt[-1]['content']}\n{extra}"}]
+    raise DataError(f"{where}: 'input' given but the prompt does not end with a user message")
+
+
+def _split_implicit_prompt(chosen, rejected, where):
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise DataError(f"{where}: missing prompt: expected one of {list(PROMPT_KEYS)} (or chosen/rejected "
+                        "as full conversations sharing their prompt turns)")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise DataError(f"{where}: chosen and rejected conversations share no prompt turns")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _check_messages(messages, what, where):
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{where}: {what}[{k}] must be an object with 'role' and 'content'")
+        if not isinstance(m["content"], str):
+            raise DataError(f"{where}: {what}[{k}].content must be a string")
+
+
+def _check_prompt(prompt, where):
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        _check_messages(prompt, "prompt", where)
+        return prompt
+    raise DataError(f"{where}: prompt must be a string or a non-empty list of messages, got {type(prompt).__name__}")
+
+
+def _check_response(response, what, where):
+    if isinstance(response, dict):  # NeMo-Aligner chat: one {role, content} message
+        response = [response]
+    if isinstance(response, list):
+        _check_messages(response, what, where)
+        if not response or not any(m["content"].strip() for m in response):
+            raise DataError(f"{where}: empty {what} response")
+        return response
+    if not isinstance(response, str):
+        raise DataError(f"{where}: {what} must be a string or messages, got {type(response).__name__}")
+    if not response.strip():
+        raise DataError(f"{where}: empty {what} response")
+    return response
+
+
+def _reward(row, key, where):
+    value = row.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{where}: {key} must be a number, got {value!r}")
+    return float(value)
+
+
+def read_preference_file(path, keys: KeyMap = KeyMap()) -> list[PreferenceExample]:
+    return [preference_from_row(row, f"{path}:{line_no}", keys) for line_no, row in read_rows(path)]

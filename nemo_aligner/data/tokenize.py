@@ -1,0 +1,105 @@
+"""Turn a PreferenceExample into token ids with an exact prompt/response boundary, and apply the
+over-length policy.
+
+The prompt and each response are tokenised separately and concatenated, so the boundary is exact
+even where a tokenizer would merge characters across it. A string prompt is used verbatim; a
+message prompt goes through the chat template with a generation prompt, and a message response is
+the text the template adds after that prompt (its end-of-turn marker included).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from nemo_aligner.data.formats import DataError, PreferenceExample
+
+OVERLENGTH_POLICIES = ("truncate", "drop", "error")
+
+
+@dataclass
+class TokenizeSettings:
+    seq_length: int  # max tokens of prompt + response
+    overlength: str = "truncate"
+    chat_template: str | None = None  # None = the tokenizer's own
+    add_bos: bool | None = None  # None = when the tokenizer has a BOS token
+    add_eos: bool = True  # append EOS to string responses
+
+    def key(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TokenizedPair:
+    prompt: np.ndarray  # int32 token ids shared by both sequences
+    chosen: np.ndarray  # response ids
+    rejected: np.ndarray
+    chosen_reward: float | None
+    rejected_reward: float | None
+    truncated: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of both sequences together (what a pack holds for this pair)."""
+        return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
+
+
+def render(example: PreferenceExample, tokenizer, template: str | None) -> tuple[str, str, str]:
+    """(prompt text, chosen text, rejected text) before tokenisation."""
+    if isinstance(example.prompt, str):
+        for what in ("chosen", "rejected"):
+            if not isinstance(getattr(example, what), str):
+                raise DataError(f"{example.source}: prompt is a string but {what} is a list of messages; "
+                                "give both as strings or both as messages")
+        return example.prompt, example.chosen, example.rejected
+    prompt_text = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, template=template)
+    responses = []
+    for what in ("chosen", "rejected"):
+        response = getattr(example, what)
+        if isinstance(response, str):  # TRL allows a string completion after a conversational prompt
+            response = [{"role": "assistant", "content": response}]
+        full = tokenizer.apply_chat_template(example.prompt + response, template=template)
+        if not full.startswith(prompt_text):
+            raise DataError(f"{example.source}: the chat template renders prompt + {what} without the prompt as a "
+                            "prefix; choose another model.data.chat_template")
+        responses.append(full[len(prompt_text):])
+    return prompt_text, *responses
+
+
+def tokenize_example(example: PreferenceExample, tokenizer, settings: TokenizeSettings) -> TokenizedPair | None:
+    """Token ids for one pair; None when the over-length policy drops it."""
+    prompt_text, chosen_text, rejected_text = render(example, tokenizer, settings.chat_template)
+    prompt = tokenizer.encode(prompt_text)
+    add_bos = settings.add_bos if settings.add_bos is not None else tokenizer.bos_id is not None
+    if add_bos and tokenizer.bos_id is not None and (not prompt or prompt[0] != tokenizer.bos_id):
+        prompt = [tokenizer.bos_id] + prompt
+    chosen, rejected = tokenizer.encode(chosen_text), tokenizer.encode(rejected_text)
+    if settings.add_eos and isinstance(example.chosen, str) and tokenizer.eos_id is not None:
+        chosen, rejected = _with_eos(chosen, tokenizer.eos_id), _with_eos(rejected, tokenizer.eos_id)
+    if not prompt:
+        raise DataError(f"{example.source}: the prompt has no tokens; a response needs at least one token before it")
+    pair = TokenizedPair(np.asarray(prompt, np.int32), np.asarray(chosen, np.int32), np.asarray(rejected, np.int32),
+                         example.chosen_reward, example.rejected_reward)
+    return apply_overlength(pair, settings, example.source)
+
+
+def _with_eos(ids, eos_id):
+    return ids if ids and ids[-1] == eos_id else ids + [eos_id]
+
+
+def apply_overlength(pair: TokenizedPair, settings: TokenizeSettings, source: str) -> TokenizedPair | None:
+    limit = settings.seq_length
+    p, c, r = len(pair.prompt), len(pair.chosen), len(pair.rejected)
+    longest = p + max(c, r)
+    if longest <= limit:
+        return pair
+    if settings.overlength == "error":
+        raise DataError(f"{source}: pair has {longest} tokens (prompt {p} + longest response {max(c, r)}) > "
+                        f"seq_length={limit}; shorten it or set model.data.overlength=truncate|drop")
+    if settings.overlength == "drop":
+        return None
+    # truncate: keep the responses whole if possible, cutting the prompt from the left (its end, next to
+    # the response, matters most); keep at least one prompt token so the first response token is scored.
+    keep_prompt = max(1, limit - max(c, r))
+    keep_response = limit - keep_prompt
+    return TokenizedPair(pair.prompt[p - keep_prompt:], pair.chosen[:keep_response], pair.rejected[:keep_response],
+                         pair.chosen_reward, pair.rejected_reward, truncated=True)

@@ -1,0 +1,222 @@
+"""The training loop shared by every algorithm: data order, accumulation, clipping, optimiser and
+schedule steps, validation and checkpoint cadence, logging and resume.
+
+An algorithm supplies `make_batch(dataset, items, packed)`, `loss(batch, num_units_global) ->
+(loss, metric_sums)` and `reduce_metrics(sums, num_units)`. An *item* is what the global batch
+counts: a pair (padded data) or a pack of pairs (packed data). The data order is a function of
+(seed, epoch) only, so a resumed run continues the exact trajectory of an uninterrupted one.
+"""
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nemo_aligner.config.schema import LoopConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataParallel:
+    """This process's place among data-parallel replicas (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    size: int = 1
+    group: object = None
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if dist.is_initialized():
+            dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+
+class GlobalBatchSampler:
+    """Items of each global batch: a seeded permutation per epoch, incomplete last batch dropped."""
+
+    def __init__(self, num_items: int, global_batch_size: int, seed: int, shuffle: bool = True,
+                 limit_batches=1.0, name: str = "train"):
+        self.num_items, self.global_batch_size, self.seed, self.shuffle = num_items, global_batch_size, seed, shuffle
+        full = num_items // global_batch_size
+        if full == 0:
+            raise ValueError(f"{name} data has {num_items} items but model.global_batch_size={global_batch_size}; "
+                             "the dataset must hold at least one global batch (lower global_batch_size or add data)")
+        limit = limit_batches if isinstance(limit_batches, int) else max(1, int(full * limit_batches))
+        self.steps_per_epoch = min(full, limit)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_items)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+
+    def global_batch(self, epoch: int, step_in_epoch: int) -> list[int]:
+        start = step_in_epoch * self.global_batch_size
+        return self.order(epoch)[start:start + self.global_batch_size].tolist()
+
+
+def split_for_rank(items: list, micro_batch_size: int, dp: DataParallel) -> list[list]:
+    per_rank = len(items) // dp.size
+    mine = items[dp.rank * per_rank:(dp.rank + 1) * per_rank]
+    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    consumed_samples: int = 0
+    best: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, *, model, algorithm, optimizer, scheduler, train_data, val_data, loop: LoopConfig,
+                 global_batch_size: int, micro_batch_size: int, seed: int, logger, checkpointer=None,
+                 monitor: str = "val_loss", device="cpu", dp: DataParallel | None = None, progress=None,
+                 data_metrics: dict | None = None, shuffle: bool = True):
+        self.model, self.algorithm, self.optimizer, self.scheduler = model, algorithm, optimizer, scheduler
+        self.train_data, self.val_data = train_data, val_data  # objects with .dataset, .items, .packed
+        self.loop, self.logger, self.checkpointer = loop, logger, checkpointer
+        self.micro_batch_size, self.monitor, self.device = micro_batch_size, monitor, device
+        self.dp = dp or DataParallel()
+        self.progress = progress
+        self.data_metrics = data_metrics or {}
+        if global_batch_size % (micro_batch_size * self.dp.size):
+            raise ValueError(f"model.global_batch_size={global_batch_size} is not divisible by micro_batch_size "
+                             f"({micro_batch_size}) x data-parallel size ({self.dp.size})")
+        self.sampler = GlobalBatchSampler(len(train_data.items), global_batch_size, seed, shuffle,
+                                          loop.limit_train_batches)
+        steps_by_epochs = loop.max_epochs * self.sampler.steps_per_epoch
+        self.max_steps = steps_by_epochs if loop.max_steps < 0 else min(loop.max_steps, steps_by_epochs)
+        self.val_every = (loop.val_check_interval if isinstance(loop.val_check_interval, int)
+                          else max(1, int(round(loop.val_check_interval * self.sampler.steps_per_epoch))))
+        self.state = LoopState()
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ steps
+    def _num_units(self, batches) -> int:
+        local = torch.tensor([sum(b.num_pairs for b in batches)], dtype=torch.float64)
+        return int(self.dp.all_reduce_sum(local).item())
+
+    def train_step(self, items: list) -> dict:
+        self.model.train()
+        micro = split_for_rank(items, self.micro_batch_size, self.dp)
+        batches = [self.algorithm.make_batch(self.train_data.dataset, m, self.train_data.packed) for m in micro]
+        num_units = self._num_units(batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums, tokens = {}, 0
+        for batch in batches:
+            loss, metric_sums = self.algorithm.loss(batch.to(self.device), num_units)
+            loss.backward()
+            _accumulate(sums, metric_sums)
+            tokens += batch.num_real_tokens
+        grad_norm = self._clip()
+        self.optimizer.step()
+        self.scheduler.step()
+        metrics = self._reduce(sums, num_units)
+        metrics["grad_norm"] = grad_norm
+        metrics["tokens"] = self.dp.all_reduce_sum(torch.tensor([float(tokens)])).item()
+        return metrics
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.loop.gradient_clip_val if self.loop.gradient_clip_val > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):  # DTensor under tensor/data parallel
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _reduce(self, sums: dict, num_units: int) -> dict:
+        names = sorted(sums)
+        stacked = self.dp.all_reduce_sum(torch.stack([sums[n].detach().double().cpu() for n in names]))
+        return self.algorithm.reduce_metrics(dict(zip(names, stacked)), num_units)
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        limit = self.loop.limit_val_batches
+        if self.val_data is None or limit == 0:
+            return {}
+        self.model.eval()
+        items = self.val_data.items
+        n = len(items)
+        count = min(n, limit * self.sampler.global_batch_size) if isinstance(limit, int) else max(1, int(n * limit))
+        chosen = list(items[:count])
+        mine = chosen[self.dp.rank::self.dp.size]
+        sums = {}
+        batches = [self.algorithm.make_batch(self.val_data.dataset, mine[i:i + self.micro_batch_size],
+                                             self.val_data.packed)
+                   for i in range(0, len(mine), self.micro_batch_size)]
+        num_units = self._num_units(batches)
+        for batch in batches:
+            _, metric_sums = self.algorithm.loss(batch.to(self.device), num_units)
+            _accumulate(sums, metric_sums)
+        return self._reduce(sums, num_units)
+
+    # ------------------------------------------------------------------ the loop
+    def resume(self) -> bool:
+        if self.checkpointer is None or (path := self.checkpointer.latest()) is None:
+            return False
+        saved = self.checkpointer.load(path, self.model, self.optimizer)
+        self.state = LoopState(step=saved["step"], consumed_samples=saved["consumed_samples"],
+                               best=saved.get("best", {}))
+        self.scheduler.last_epoch = self.state.step
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        log.info("resumed from %s at step %d", path, self.state.step)
+        return True
+
+    def fit(self) -> dict:
+        initial_val = self.validate() if self.state.step == 0 else {}
+        if initial_val:
+            log.info("validation before training: %s", _fmt(initial_val))
+        last_val, last_train, saved_at = {}, {}, None
+        start_time = time.perf_counter()
+        while self.state.step < self.max_steps:
+            epoch, k = divmod(self.state.step, self.sampler.steps_per_epoch)
+            t0 = time.perf_counter()
+            items = [self.train_data.items[i] for i in self.sampler.global_batch(epoch, k)]
+            train = self.train_step(items)
+            step_time = time.perf_counter() - t0
+            self.state.step += 1
+            self.state.consumed_samples += self.sampler.global_batch_size
+            last_train = {**train, "lr": self.scheduler.get_last_lr()[0], "step_time": step_time, "epoch": epoch,
+                          "consumed_samples": self.state.consumed_samples,
+                          "tokens_per_sec": train.pop("tokens") / step_time}
+            record = {f"train/{k}": v for k, v in last_train.items()} | self.data_metrics
+            if self.state.step % self.val_every == 0 or self.state.step == self.max_steps:
+                last_val = self.validate()
+                record |= {f"val/{k}": v for k, v in last_val.items()}
+            self.logger.log(self.state.step, record)
+            self.history.append(record)
+            if self.progress is not None:
+                self.progress.update(self.state.step, {"loss": last_train["loss"], "acc": last_train.get("acc"),
+                                                       "tok/s": last_train["tokens_per_sec"]})
+            if self._should_save():
+                self._save(last_val)
+                saved_at = self.state.step
+        if self.checkpointer is not None and saved_at != self.state.step and self.state.step > 0:
+            self._save(last_val)
+        return {"initial_val": initial_val, "train": last_train, "val": last_val, "steps": self.state.step,
+                "time": time.perf_counter() - start_time}
+
+    def _should_save(self) -> bool:
+        every = self.loop.save_interval
+        return self.checkpointer is not None and every > 0 and self.state.step % every == 0
+
+    def _save(self, val: dict):
+        metric = self.monitor.removeprefix("val_")
+        value = val.get(metric)
+        self.checkpointer.save(self.state.step, self.model, self.optimizer, {
+            "consumed_samples": self.state.consumed_samples, "monitor": self.monitor,
+            "monitor_value": None if value is None or math.isnan(value) else value, "best": self.state.best,
+        })
+
+
+def _accumulate(total: dict, part: dict):
+    for name, value in part.items():
+        total[name] = total[name] + value.detach() if name in total else value.detach()
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
