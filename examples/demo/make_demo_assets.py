@@ -29,7 +29,7 @@ OBJECTS = {
 }
 TRAIN_PROMPTS = ["What color is the {o}?", "Tell me the color of the {o}.", "Which color does the {o} have?",
                  "Name the color of the {o}."]
-VAL_PROMPTS = ["What is the color of the {o}?", "Do you know what color the {o} is?"]
+VAL_PROMPTS = TRAIN_PROMPTS + ["What is the color of the {o}?"]
 ANSWERS = ["The {o} is {c}.", "It is {c}.", "{c}."]
 SYSTEM = "You answer questions about colors."
 

@@ -89,6 +89,10 @@ class DPOAlgorithm:
         self.reference = reference  # OnlineReference, or None when log-probs are precomputed / not needed
         self.autocast = autocast or torch.autocast("cpu", enabled=False)
 
+    @staticmethod
+    def num_units(batch: PreferenceBatch) -> int:
+        return batch.num_pairs
+
     def make_batch(self, dataset, items, packed: bool) -> PreferenceBatch:
         if packed:
             return collate_packed(dataset, items, self.pad_id)

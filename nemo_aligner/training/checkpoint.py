@@ -7,10 +7,12 @@ looks valid; incomplete folders are ignored (and removed on the next save). Work
 modules and for DTensor/FSDP2-sharded ones (each rank writes its own shards).
 """
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,6 +31,14 @@ def _is_rank_zero() -> bool:
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it assumes a single process when torch.distributed is not initialised: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 class Checkpointer:
@@ -59,7 +69,8 @@ class Checkpointer:
         _barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd, "rng": torch.get_rng_state()}
-        dcp.save(state, checkpoint_id=str(tmp))
+        with _single_process_quiet():
+            dcp.save(state, checkpoint_id=str(tmp))
         if _is_rank_zero():
             (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
             if final.exists():
@@ -72,7 +83,8 @@ class Checkpointer:
     def load(self, path: Path, model, optimizer) -> dict:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd, "rng": torch.get_rng_state()}
-        dcp.load(state, checkpoint_id=str(path))
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=True))
         torch.set_rng_state(state["rng"])

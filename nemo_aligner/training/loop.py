@@ -1,8 +1,9 @@
 """The training loop shared by every algorithm: data order, accumulation, clipping, optimiser and
 schedule steps, validation and checkpoint cadence, logging and resume.
 
-An algorithm supplies `make_batch(dataset, items, packed)`, `loss(batch, num_units_global) ->
-(loss, metric_sums)` and `reduce_metrics(sums, num_units)`. An *item* is what the global batch
+An algorithm supplies `make_batch(dataset, items, packed)`, `num_units(batch)` (what its loss is
+normalised by: pairs, response tokens, ...), `loss(batch, num_units_global) -> (loss, metric_sums)`
+and `reduce_metrics(sums, num_units)`. An *item* is what the global batch
 counts: a pair (padded data) or a pack of pairs (packed data). The data order is a function of
 (seed, epoch) only, so a resumed run continues the exact trajectory of an uninterrupted one.
 """
@@ -97,7 +98,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _num_units(self, batches) -> int:
-        local = torch.tensor([sum(b.num_pairs for b in batches)], dtype=torch.float64)
+        """What the loss is normalised by, summed over the global batch (pairs for DPO, tokens for SFT)."""
+        local = torch.tensor([sum(self.algorithm.num_units(b) for b in batches)], dtype=torch.float64)
         return int(self.dp.all_reduce_sum(local).item())
 
     def train_step(self, items: list) -> dict:
