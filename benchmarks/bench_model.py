@@ -70,18 +70,23 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="alternating runs per model (best is kept)")
     p.add_argument("--worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(run_one(args.worker, args)))
         return
     results = {}
-    for which in ("ours", "transformers"):
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", which], capture_output=True,
-                             text=True, check=True)
-        results[which] = json.loads(out.stdout.strip().splitlines()[-1])
+    for _ in range(args.rounds):  # alternate the two so background load hits both alike; keep each one's best
+        for which in ("ours", "transformers"):
+            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", which],
+                                 capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            if which not in results or r["tokens_per_s"] > results[which]["tokens_per_s"]:
+                results[which] = r
     print(f"config: hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads} vocab={args.vocab} "
-          f"batch={args.batch}x{args.seq} threads={args.threads} (fp32, CPU, forward+backward, median of {args.steps})")
+          f"batch={args.batch}x{args.seq} threads={args.threads} (fp32, CPU, forward+backward, median of {args.steps} "
+          f"steps, best of {args.rounds} alternating runs)")
     print(f"{'model':<14}{'tokens/s':>12}{'step s':>10}{'peak MiB':>11}{'step MiB':>11}")
     for which, r in results.items():
         print(f"{which:<14}{r['tokens_per_s']:>12.0f}{r['step_s']:>10.3f}{r['peak_mib']:>11.0f}{r['step_peak_mib']:>11.0f}")
