@@ -103,12 +103,11 @@ class SelfAttention(nn.Module):
         return self.o_proj(out_BTHD.reshape(B, T, -1))
 
     def _sdpa(self, q, k, v, ctx):
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:  # explicit repeat: enable_gqa is not accepted by every backend with a mask
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        gqa = q.shape[1] != k.shape[1]  # shared key/value heads without materialising repeated copies
         if ctx.mask_B1TT is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask_B1TT, scale=self.softmax_scale)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask_B1TT, scale=self.softmax_scale,
+                                              enable_gqa=gqa)
 
     def _varlen(self, q_BHTD, k_BGTD, v_BGTD, ctx):
         B, H, T, D = q_BHTD.shape
