@@ -30,7 +30,7 @@ OBJECTS = {
 TRAIN_PROMPTS = ["What color is the {o}?", "Tell me the color of the {o}.", "Which color does the {o} have?",
                  "Name the color of the {o}."]
 VAL_PROMPTS = TRAIN_PROMPTS + ["What is the color of the {o}?"]
-ANSWERS = ["The {o} is {c}.", "It is {c}.", "{c}."]
+ANSWERS = ["The {o} is {c}.", "I think the {o} is {c}.", "Every {o} is {c}."]
 SYSTEM = "You answer questions about colors."
 
 
