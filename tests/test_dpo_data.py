@@ -103,7 +103,8 @@ def test_padded_and_packed_layouts_label_the_same_tokens(tmp_path, tok):
         b = packed.labels[packed.seq_index == s]
         assert a.tolist() == b.tolist() and len(a) > 0
     assert packed.segment_ids[0].unique().tolist() == [0, 1, 2, 3]  # two pairs = four sequences
-    assert packed.segment_ids[1, -1] == 2  # the shorter row: one pair, then a padding segment
+    pad = packed.input_ids.shape[1] - int((packed.segment_ids[1] < 2).sum())  # the shorter row: one pair, then
+    assert packed.segment_ids[1, -pad:].tolist() == list(range(2, 2 + pad))  # padding, one segment per token
     assert padded.num_real_tokens == packed.num_real_tokens
 
 

@@ -14,7 +14,8 @@ import torch
 
 from nemo_aligner.config.schema import DPOConfig
 from nemo_aligner.data.collate import PreferenceBatch, collate_packed, collate_padded
-from nemo_aligner.losses.logprobs import sequence_logprobs
+from nemo_aligner.losses.logprobs import sequence_logprobs, sequence_sums
+from nemo_aligner.models.lora import adapters_disabled, set_adapters_enabled
 from nemo_aligner.losses.preference import (
     LOSS_TYPES, REFERENCE_FREE_LOSSES, combined_preference_loss, sft_loss_from_logps,
 )
@@ -58,22 +59,61 @@ class DPOSettings:
 
 
 def pair_logprobs(model, batch: PreferenceBatch, chunk_size: int):
-    """(chosen sums, rejected sums, chosen token counts, rejected token counts), each [P]."""
+    """(chosen sums, rejected sums, chosen token counts, rejected token counts), each [P].
+
+    model: a GPTModel, or a TokenLogProbModel (the head inside its forward, as FSDP and pipelines need)."""
+    from nemo_aligner.models.logprob_model import TokenLogProbModel
+
+    if isinstance(model, TokenLogProbModel):
+        return pairs_from_token_logprobs(batch, model(batch.input_ids, labels=batch.labels,
+                                                      segment_ids=batch.segment_ids))
     hidden = model(batch.input_ids, segment_ids=batch.segment_ids)
     sums, counts = sequence_logprobs(hidden, model.output_weight, batch.labels, batch.seq_index,
                                      2 * batch.num_pairs, chunk_size)
     return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
 
 
-class OnlineReference:
-    """A frozen copy of the initial policy, run without gradients."""
+def pairs_from_token_logprobs(batch: PreferenceBatch, token_logps_RT: torch.Tensor):
+    """pair_logprobs' four [P] tensors from dense per-token log-probs [R, T] (a pipeline's last stage output)."""
+    sums, counts = sequence_sums(token_logps_RT, batch.labels, batch.seq_index, 2 * batch.num_pairs)
+    return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
 
-    def __init__(self, model):
-        self.model = copy.deepcopy(model).requires_grad_(False).eval()
+
+def reference_pair_sums(batch: PreferenceBatch, token_logps_RT: torch.Tensor):
+    """[2, P] (chosen, rejected) summed log-probs: what a reference pass keeps of each micro-batch."""
+    chosen, rejected, _, _ = pairs_from_token_logprobs(batch, token_logps_RT)
+    return torch.stack([chosen, rejected])
+
+
+class OnlineReference:
+    """A frozen copy of the initial policy, run without gradients.
+
+    copy_model=False adopts `model` as is (a copy the caller already sharded like the policy). A
+    TokenLogProbModel reference is run by the step executor for the whole global batch before the
+    policy step (`DPOAlgorithm.prepare_batches`), which is how it works under pipeline parallel."""
+
+    def __init__(self, model, copy_model: bool = True):
+        self.model = (copy.deepcopy(model) if copy_model else model).requires_grad_(False).eval()
+        set_adapters_enabled(self.model, False)  # with LoRA the reference is the base model
 
     @torch.no_grad()
     def __call__(self, batch: PreferenceBatch, chunk_size: int):
         chosen, rejected, _, _ = pair_logprobs(self.model, batch, chunk_size)
+        return chosen, rejected
+
+
+class AdapterReference:
+    """ref_mode=adapter: the policy itself with its LoRA adapters switched off, no second copy of the
+    weights (the base is frozen, so this is the initial model at every step). `model` is the policy:
+    whoever runs it directly as the reference (`prepare_batches`) does so inside adapters_disabled."""
+
+    def __init__(self, policy):
+        self.model = policy
+
+    @torch.no_grad()
+    def __call__(self, batch: PreferenceBatch, chunk_size: int):
+        with adapters_disabled(self.model):
+            chosen, rejected, _, _ = pair_logprobs(self.model, batch, chunk_size)
         return chosen, rejected
 
 
@@ -99,10 +139,36 @@ class DPOAlgorithm:
         return collate_padded(dataset, items, self.pad_id)
 
     def loss(self, batch: PreferenceBatch, num_pairs_global: int):
-        s = self.settings
         with self.autocast:
-            pc, pr, len_c, len_r = pair_logprobs(self.model, batch, s.chunk_size)
-            rc, rr = self._reference_logprobs(batch)
+            policy = pair_logprobs(self.model, batch, self.settings.chunk_size)
+            reference = self._reference_logprobs(batch)
+        return self.loss_from_logprobs(batch, policy, reference, num_pairs_global)
+
+    def loss_from_token_logprobs(self, batch: PreferenceBatch, token_logps_RT, num_pairs_global: int):
+        """The loss from a pipeline's last-stage output (dense per-token log-probs [R, T])."""
+        return self.loss_from_logprobs(batch, pairs_from_token_logprobs(batch, token_logps_RT),
+                                       self._reference_logprobs(batch), num_pairs_global)
+
+    def prepare_batches(self, batches, executor) -> None:
+        """Reference log-probs for a whole global batch in one executor pass (online mode with a
+        TokenLogProbModel reference); precomputed or reference-free runs need nothing."""
+        from nemo_aligner.models.logprob_model import TokenLogProbModel
+
+        if (not self.settings.needs_reference or self.reference is None
+                or not isinstance(self.reference.model, TokenLogProbModel)
+                or all(b.ref_chosen is not None for b in batches)):
+            return
+        with adapters_disabled(self.reference.model):  # ref_mode=adapter: the policy's base; else a no-op
+            refs = executor.forward_only(self.reference.model, batches, reference_pair_sums)
+        for batch, ref in zip(batches, refs):
+            batch.ref_chosen, batch.ref_rejected = ref[0], ref[1]
+
+    def loss_from_logprobs(self, batch: PreferenceBatch, policy, reference, num_pairs_global: int):
+        """(loss, metric sums) from policy (chosen, rejected, chosen counts, rejected counts) and reference
+        (chosen, rejected) log-probs, each [P]; the reference pair is (None, None) when not needed."""
+        s = self.settings
+        pc, pr, len_c, len_r = policy
+        rc, rr = reference
         kwargs = dict(beta=s.beta, label_smoothing=s.label_smoothing, chosen_rewards=batch.chosen_rewards,
                       rejected_rewards=batch.rejected_rewards, gt_reward_scale=s.gt_reward_scale,
                       chosen_lengths=len_c, rejected_lengths=len_r, average_log_probs=s.average_log_probs,
@@ -156,7 +222,8 @@ class DPOAlgorithm:
 
 @torch.no_grad()
 def precompute_reference(model, dataset, micro_batch_items, pad_id: int, chunk_size: int, autocast, packed=False):
-    """Fill dataset.ref_chosen / ref_rejected with the current model's log-probs (one pass, no grad)."""
+    """Fill dataset.ref_chosen / ref_rejected with the current model's log-probs (one pass, no grad);
+    LoRA adapters are off for it, so with LoRA these are the base model's."""
     was_training = model.training
     model.eval()
     chosen = np.zeros(len(dataset), dtype=np.float64)
@@ -165,7 +232,7 @@ def precompute_reference(model, dataset, micro_batch_items, pad_id: int, chunk_s
         batch = (collate_packed if packed else collate_padded)(dataset, items, pad_id)
         device = next(model.parameters()).device
         batch = batch.to(device)
-        with autocast:
+        with autocast, adapters_disabled(model):
             pc, pr, _, _ = pair_logprobs(model, batch, chunk_size)
         idx = batch.pair_indices.cpu().numpy()
         chosen[idx], rejected[idx] = pc.double().cpu().numpy(), pr.double().cpu().numpy()

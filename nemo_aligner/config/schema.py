@@ -117,7 +117,7 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    data_impl: str = "jsonl"  # jsonl | packed_jsonl (offline packs from prepare_packed_dpo_dataset.py)
+    data_impl: str = "jsonl"  # jsonl | packed_jsonl (files from prepare_packed_dpo_dataset.py; encoder_seq_length = pack size)
     data_prefix: Any = None  # {train: [files], validation: [files], test: [files]}
     seq_length: Optional[int] = None  # max tokens per sequence (prompt + response); null = model.encoder_seq_length
     default_chosen_reward: float = 1.0  # used by rpo_* when a row has no chosen_reward
@@ -131,14 +131,18 @@ class DataConfig:
     add_bos: Optional[bool] = None  # prepend BOS to string prompts; null = when the tokenizer defines one
     add_eos: bool = True  # append EOS to string responses that do not already end with it
     shuffle: bool = True  # shuffle the training order each epoch (seeded by model.seed and the epoch)
-    packing: bool = False  # pack pairs online into rows of `pack_size` tokens (no padding)
-    pack_size: Optional[int] = None  # tokens per pack for online packing; null = seq_length * 2
-    packing_algorithm: str = "best_fit_decreasing"
+    packing: bool = False  # jsonl data: pack pairs at start-up into rows of pack_size tokens; batch sizes then count packs
+    pack_size: Optional[int] = None  # tokens per pack for online packing (>= 2 x seq_length); null = seq_length * 2
+    packing_algorithm: str = "best_fit_decreasing"  # | first_fit_decreasing | first_fit_shuffle (seeded by model.seed)
     num_workers: int = 0  # kept for NeMo command lines; data is tokenised up front
 
     def __post_init__(self):
         _choice("model.data.data_impl", self.data_impl, ("jsonl", "packed_jsonl", "parquet"))
         _choice("model.data.overlength", self.overlength, ("truncate", "drop", "error"))
+        _choice("model.data.packing_algorithm", self.packing_algorithm,
+                ("best_fit_decreasing", "first_fit_decreasing", "first_fit_shuffle"))
+        if self.pack_size is not None and self.pack_size <= 0:
+            raise ValueError(f"model.data.pack_size={self.pack_size}; expected a positive integer or null")
 
 
 @dataclass
@@ -178,13 +182,13 @@ class DPOConfig:
     sft_loss_weight: float = 0.0
     label_smoothing: float = 0.0  # cDPO epsilon (dpo/sigmoid), robust's epsilon
     loss_kwargs: dict = field(default_factory=dict)  # extra loss parameters, e.g. {simpo_gamma: 0.5}
-    ref_mode: str = "precompute"  # precompute (cached log-probs, no reference weights) | online (frozen copy)
+    ref_mode: Optional[str] = None  # precompute (cached log-probs) | online (frozen copy) | adapter (LoRA off); null = adapter with LoRA, else precompute
     ref_cache_dir: Optional[str] = None  # where precomputed log-probs are cached; null = <log_dir>/ref_logps
     log_prob_forward_micro_batch_size: Optional[int] = None  # pairs per forward when precomputing; null = micro_batch_size
     logprob_chunk_size: int = 1024  # tokens per chunk of the output projection (memory vs speed)
 
     def __post_init__(self):
-        _choice("model.dpo.ref_mode", self.ref_mode, ("precompute", "online"))
+        _choice("model.dpo.ref_mode", self.ref_mode, (None, "precompute", "online", "adapter"))
         if self.preference_loss_weight == 0 and self.sft_loss_weight == 0:
             raise ValueError("model.dpo.preference_loss_weight and model.dpo.sft_loss_weight are both 0; "
                              "at least one must be non-zero")
@@ -194,23 +198,40 @@ class DPOConfig:
 
 @dataclass
 class LoraConfig:
-    target_modules: list = field(default_factory=lambda: ["attention_qkv"])
-    adapter_dim: int = 32
-    alpha: Optional[float] = None  # null = adapter_dim (scale 1)
-    adapter_dropout: float = 0.0
-    column_init_method: str = "xavier"
-    row_init_method: str = "zero"
+    """model.peft.lora_tuning: which projections get adapters and how they start (NeMo's keys)."""
+
+    target_modules: list = field(default_factory=lambda: ["attention_qkv"])  # NeMo names (attention_qkv, attention_dense, mlp_fc1, mlp_fc2, attention, mlp, all) or HF ones (q_proj ... down_proj, c_attn, c_proj, c_fc)
+    adapter_dim: int = 32  # rank r
+    alpha: Optional[float] = None  # scale = alpha / adapter_dim; null = adapter_dim (scale 1, NeMo's default; PEFT's lora_alpha=8 differs)
+    adapter_dropout: float = 0.0  # dropout on the adapter's input
+    column_init_method: str = "xavier"  # A: xavier | normal | kaiming | zero
+    row_init_method: str = "zero"  # B: zero (adapter output 0 at the start) | normal | xavier | kaiming
+
+    def __post_init__(self):
+        from nemo_aligner.models.lora import INIT_METHODS, resolve_target_modules
+
+        resolve_target_modules(self.target_modules)
+        if self.adapter_dim <= 0:
+            raise ValueError(f"model.peft.lora_tuning.adapter_dim={self.adapter_dim}; expected a positive integer")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(f"model.peft.lora_tuning.alpha={self.alpha}; expected > 0 or null")
+        if not 0.0 <= self.adapter_dropout < 1.0:
+            raise ValueError(f"model.peft.lora_tuning.adapter_dropout={self.adapter_dropout}; expected [0, 1)")
+        _choice("model.peft.lora_tuning.column_init_method", self.column_init_method, INIT_METHODS)
+        _choice("model.peft.lora_tuning.row_init_method", self.row_init_method, INIT_METHODS)
 
 
 @dataclass
 class PeftConfig:
+    """model.peft: LoRA adapters on a frozen base (nemo_aligner/models/lora.py)."""
+
     peft_scheme: str = "none"  # none | lora
-    restore_from_path: Optional[str] = None
-    merge_on_export: bool = False
+    restore_from_path: Optional[str] = None  # PEFT adapter folder to continue from (its ranks/targets win over lora_tuning)
+    merge_on_export: bool = False  # final hf/ = merged model (W + scale B A) instead of a PEFT adapter folder
     lora_tuning: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self):
-        _choice("model.peft.peft_scheme", self.peft_scheme, ("none",))  # lora lands with the LoRA issue
+        _choice("model.peft.peft_scheme", self.peft_scheme, ("none", "lora"))
 
 
 @dataclass
@@ -221,6 +242,8 @@ class ModelConfig:
     seed: int = 1234
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    pipeline_layer_split: Optional[list] = None  # transformer layers per pipeline stage, e.g. [6, 10]; null = even split
+    pipeline_schedule: str = "1f1b"  # 1f1b | gpipe (micro-batches per step = global / (micro x data-parallel))
     encoder_seq_length: int = 4096  # max tokens per sequence (also the pack size with packed data)
     # ---- architecture, used when pretrained_checkpoint.restore_from_path is null (Megatron key names)
     num_layers: int = 2
@@ -246,6 +269,7 @@ class ModelConfig:
     activations_checkpoint_granularity: Optional[str] = None  # null | full (recompute each layer) | selective (= full)
     activations_checkpoint_method: Optional[str] = None  # kept for NeMo command lines (uniform/block)
     activations_checkpoint_num_layers: Optional[int] = None  # kept for NeMo command lines
+    compile: bool = False  # torch.compile each transformer block (inductor); the first steps include compile time
     sequence_parallel: bool = False  # with tensor parallel: shard norms/dropout activations over the sequence
     megatron_amp_O2: bool = False  # kept for NeMo command lines; master weights are always fp32
     mcore_gpt: bool = True  # kept for NeMo command lines
@@ -261,9 +285,17 @@ class ModelConfig:
                     "pipeline_model_parallel_size", "encoder_seq_length"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key}={getattr(self, key)}; expected a positive integer")
+        _choice("model.pipeline_schedule", self.pipeline_schedule, ("1f1b", "gpipe"))
+        if getattr(self, "dpo", None) is not None and self.dpo.ref_mode == "adapter" and self.peft.peft_scheme != "lora":
+            raise ValueError("model.dpo.ref_mode=adapter needs model.peft.peft_scheme=lora (the reference is the "
+                             "model with its adapters off); use precompute or online")
         if self.activations_checkpoint_granularity not in (None, "full", "selective"):
             raise ValueError(f"model.activations_checkpoint_granularity={self.activations_checkpoint_granularity!r}; "
                              "expected null, full or selective")
+        if self.data.packing and self.data.pack_size is not None and self.data.pack_size < 2 * self.seq_length:
+            raise ValueError(f"model.data.pack_size={self.data.pack_size} < 2 x seq_length ({self.seq_length}, from "
+                             "model.data.seq_length or model.encoder_seq_length): a pair of two max-length sequences "
+                             f"must fit in one pack; use model.data.pack_size >= {2 * self.seq_length} or null")
 
     @property
     def seq_length(self) -> int:

@@ -66,7 +66,9 @@ def _fill_rows(rows, pad_id: int, packed: bool):
             labels[r, start + prompt_len - 1:end - 1] = ids[prompt_len:]
             seq_index[r, start + prompt_len - 1:end - 1] = seq_idx
             start = end
-        segment_ids[r, start:] = len(row)  # trailing padding is its own segment
+        # Trailing padding: one segment per token, so its positions stay 0 (a row padded to a longer pack in
+        # the micro-batch would otherwise count positions past max_position_embeddings for learned positions).
+        segment_ids[r, start:] = len(row) + np.arange(T - start)
     segs = torch.from_numpy(segment_ids) if packed else None
     return torch.from_numpy(input_ids), torch.from_numpy(labels), torch.from_numpy(seq_index), segs
 

@@ -46,6 +46,7 @@ class PreferenceDataset:
         self.fingerprint = fingerprint  # identifies files + tokenisation, for the reference cache
         self.ref_chosen: np.ndarray | None = None  # precomputed reference log-probs [num_pairs]
         self.ref_rejected: np.ndarray | None = None
+        self.source_rows: np.ndarray | None = None  # [num_pairs] row of each pair, counted across the files
 
     def __len__(self):
         return len(self.pairs)
@@ -67,7 +68,7 @@ class PreferenceDataset:
         if not files:
             raise DataError(f"{name}: no data files given (model.data.data_prefix)")
         report = DatasetReport(files=files)
-        pairs = []
+        pairs, source_rows = [], []
         for file in files:
             for example in read_preference_file(file, keys):
                 report.num_rows += 1
@@ -80,11 +81,14 @@ class PreferenceDataset:
                     report.num_truncated += 1
                     _note(report.truncated_sources, example.source)
                 pairs.append(pair)
+                source_rows.append(report.num_rows - 1)
         report.num_pairs = len(pairs)
         if not pairs:
             raise DataError(f"{name}: no usable pairs in {files} ({report.num_dropped} dropped as over-length)")
         fingerprint = _fingerprint(files, tokenizer, settings, keys)
-        return cls(pairs, report, default_rewards, fingerprint)
+        dataset = cls(pairs, report, default_rewards, fingerprint)
+        dataset.source_rows = np.asarray(source_rows, dtype=np.int64)
+        return dataset
 
 
 def _note(sources: list, source: str, limit: int = 5):

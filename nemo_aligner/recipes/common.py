@@ -12,6 +12,7 @@ import torch
 
 from nemo_aligner.config import gpt_config_from_model
 from nemo_aligner.data.tokenizer import Tokenizer
+from nemo_aligner.models.compile import compile_blocks
 from nemo_aligner.models.gpt import GPTModel
 from nemo_aligner.models.hf import load_pretrained
 
@@ -65,6 +66,8 @@ def build_model(model_cfg, restore_from_path, tokenizer, device) -> GPTModel:
             and model_cfg.seq_length > model.config.max_position_embeddings):
         raise ValueError(f"model.data.seq_length / model.encoder_seq_length={model_cfg.seq_length} exceeds the "
                          f"model's max_position_embeddings={model.config.max_position_embeddings}")
+    if model_cfg.compile:  # lazy: compiles at the first forward, so later parallel wrapping is seen too
+        compile_blocks(model)
     return model
 
 

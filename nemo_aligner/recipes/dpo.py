@@ -11,12 +11,19 @@ from pathlib import Path
 
 from safetensors.numpy import load_file, save_file
 
-from nemo_aligner.algorithms.dpo import DPOAlgorithm, DPOSettings, OnlineReference, precompute_reference
+from nemo_aligner.algorithms.dpo import (
+    AdapterReference, DPOAlgorithm, DPOSettings, OnlineReference, precompute_reference, reference_pair_sums,
+)
 from nemo_aligner.config.schema import DPORunConfig
+from nemo_aligner.data.collate import collate_packed, collate_padded
 from nemo_aligner.data.datasets import PreferenceDataset
 from nemo_aligner.data.formats import KeyMap
+from nemo_aligner.data.packed_file import PackedPreferenceDataset, load_packed_dataset, pack_dataset, pack_summary
 from nemo_aligner.data.tokenize import TokenizeSettings
-from nemo_aligner.models.hf import save_pretrained
+from nemo_aligner.models.hf.peft import export_hf, setup_peft
+from nemo_aligner.models.lora import adapters_disabled
+from nemo_aligner.parallel.mesh import init_parallel
+from nemo_aligner.parallel.run import ParallelRun, all_ranks_have
 from nemo_aligner.recipes.common import (
     autocast_for, build_model, cache_key, load_tokenizer, log_dir_from, model_identity, pick_device, setup_logging,
 )
@@ -51,12 +58,26 @@ def data_files(data_prefix, split: str) -> list[str]:
     return files
 
 
-def load_datasets(cfg: DPORunConfig, tokenizer):
+def data_options(cfg: DPORunConfig) -> tuple[TokenizeSettings, KeyMap, tuple[float, float]]:
+    """What turns rows into pairs (model.data.*): tokenisation settings, column names, default rewards."""
     data = cfg.model.data
     settings = TokenizeSettings(seq_length=cfg.model.seq_length, overlength=data.overlength,
                                 chat_template=data.chat_template, add_bos=data.add_bos, add_eos=data.add_eos)
     keys = KeyMap(prompt=data.prompt_key, chosen=data.chosen_key, rejected=data.rejected_key, input=data.input_key)
-    rewards = (data.default_chosen_reward, data.default_rejected_reward)
+    return settings, keys, (data.default_chosen_reward, data.default_rejected_reward)
+
+
+def load_datasets(cfg: DPORunConfig, tokenizer):
+    """(train, validation or None): rows tokenised now, or packed files (model.data.data_impl=packed_jsonl)."""
+    data = cfg.model.data
+    if data.data_impl == "packed_jsonl":
+        return tuple(_load_packed(cfg, tokenizer, split) for split in ("train", "validation"))
+    for split in ("train", "validation"):
+        packed_files = [f for f in data_files(data.data_prefix, split) if f.endswith(".safetensors")]
+        if packed_files:
+            raise ValueError(f"model.data.data_prefix.{split} lists packed files {packed_files} but "
+                             f"model.data.data_impl={data.data_impl}; set model.data.data_impl=packed_jsonl")
+    settings, keys, rewards = data_options(cfg)
     train = PreferenceDataset.from_files(data_files(data.data_prefix, "train"), tokenizer, settings, keys, rewards,
                                          name="model.data.data_prefix.train")
     val_files = data_files(data.data_prefix, "validation")
@@ -65,12 +86,55 @@ def load_datasets(cfg: DPORunConfig, tokenizer):
     return train, val
 
 
-def prepare_reference(cfg, model, settings, datasets, autocast, log_dir, restore, pad_id):
-    """Precomputed (cached) log-probs or a frozen copy; None when the loss needs no reference."""
+def _load_packed(cfg: DPORunConfig, tokenizer, split: str):
+    files = data_files(cfg.model.data.data_prefix, split)
+    if not files and split != "train":
+        return None
+    data = cfg.model.data
+    return load_packed_dataset(files, tokenizer_fingerprint=tokenizer.fingerprint(),
+                               max_pack_size=cfg.model.encoder_seq_length,
+                               default_rewards=(data.default_chosen_reward, data.default_rejected_reward),
+                               name=f"model.data.data_prefix.{split}")
+
+
+def make_train_data(cfg: DPORunConfig, dataset, name: str = "train") -> TrainData | None:
+    """The items the loop samples: packs from packed files, packs built now (model.data.packing), or pairs."""
+    if dataset is None:
+        return None
+    data = cfg.model.data
+    if isinstance(dataset, PackedPreferenceDataset):
+        packs, pack_size, how = dataset.packs, dataset.pack_size, "packed files"
+    elif data.packing:
+        pack_size = data.pack_size or 2 * cfg.model.seq_length
+        packs = pack_dataset(dataset, pack_size, data.packing_algorithm, cfg.model.seed, name=f"{name} data")
+        how = f"{data.packing_algorithm}, seed {cfg.model.seed}"
+    else:
+        return TrainData(dataset, list(range(len(dataset))))
+    stats = pack_summary(dataset, packs, pack_size)
+    log.info("%s: %d pairs in %d packs of <= %d tokens (%s): %.2f pairs per pack, %.1f%% of pack tokens are real; "
+             "micro_batch_size and global_batch_size count packs", name, stats["num_pairs"], stats["num_packs"],
+             pack_size, how, stats["avg_pairs_per_pack"], 100 * stats["efficiency"])
+    return TrainData(dataset, packs, packed=True)
+
+
+def resolve_ref_mode(model_cfg) -> str:
+    """model.dpo.ref_mode; null means adapter with LoRA (model.peft.peft_scheme=lora), else precompute."""
+    return model_cfg.dpo.ref_mode or ("adapter" if model_cfg.peft.peft_scheme == "lora" else "precompute")
+
+
+def prepare_reference(cfg, model, settings, datasets, autocast, log_dir, restore, pad_id, parallel_run=None):
+    """Precomputed (cached) log-probs or a frozen copy; None when the loss needs no reference.
+
+    parallel_run (distributed runs): the reference is its sharded frozen copy, or log-probs computed
+    with its parallel policy; only rank 0 writes the cache."""
     if not settings.needs_reference:
         log.info("loss %s is reference-free: no reference pass", settings.loss_types)
         return None
-    if cfg.model.dpo.ref_mode == "online":
+    if resolve_ref_mode(cfg.model) == "adapter":  # LoRA: the policy with its adapters off
+        return AdapterReference(parallel_run.policy if parallel_run is not None else model)
+    if resolve_ref_mode(cfg.model) == "online":
+        if parallel_run is not None:
+            return OnlineReference(parallel_run.reference_module, copy_model=False)
         return OnlineReference(model)
     cache_dir = Path(cfg.model.dpo.ref_cache_dir or log_dir / "ref_logps")
     micro = cfg.model.dpo.log_prob_forward_micro_batch_size or cfg.model.micro_batch_size
@@ -80,15 +144,22 @@ def prepare_reference(cfg, model, settings, datasets, autocast, log_dir, restore
         key = cache_key(model_identity(model, cfg.model, restore), data.dataset.fingerprint, cfg.trainer.precision,
                         data.packed)
         path = cache_dir / f"{name}-{key}.safetensors"
-        if path.is_file():
+        if path.is_file() if parallel_run is None else all_ranks_have(path):
             cached = load_file(path)
             data.dataset.ref_chosen, data.dataset.ref_rejected = cached["chosen"], cached["rejected"]
             log.info("reference log-probs for %s: loaded from %s", name, path)
             continue
         items = data.items
         batches = [items[i:i + micro] for i in range(0, len(items), micro)]
-        precompute_reference(model, data.dataset, batches, pad_id, settings.chunk_size, autocast,
-                             packed=data.packed)
+        if parallel_run is not None:
+            collate = lambda ds, its, packed: (collate_packed if packed else collate_padded)(ds, its, pad_id)  # noqa: E731
+            with adapters_disabled(parallel_run.policy):  # with LoRA: the base model's log-probs
+                parallel_run.precompute_reference(data, micro, collate, reference_pair_sums)
+            if not parallel_run.parallel.is_rank_zero:
+                continue
+        else:
+            precompute_reference(model, data.dataset, batches, pad_id, settings.chunk_size, autocast,
+                                 packed=data.packed)
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file({"chosen": data.dataset.ref_chosen, "rejected": data.dataset.ref_rejected}, tmp)
@@ -99,6 +170,9 @@ def prepare_reference(cfg, model, settings, datasets, autocast, log_dir, restore
 
 def run_dpo(cfg: DPORunConfig) -> dict:
     setup_logging()
+    parallel = init_parallel(cfg.trainer, cfg.model)  # validates the layout; joins the process group if launched
+    if not parallel.is_rank_zero:
+        log.setLevel(logging.WARNING)
     restore = cfg.pretrained_checkpoint.restore_from_path
     log_dir = log_dir_from(cfg.exp_manager)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -110,28 +184,38 @@ def run_dpo(cfg: DPORunConfig) -> dict:
         if ds is not None:
             log.info(ds.report.summary(name))
     model = build_model(cfg.model, restore, tokenizer, device)
+    setup_peft(model, cfg.model.peft)  # model.peft.peft_scheme=lora: adapters added, base frozen
+    parallel.dims.check_model(model.config)
     log.info("model: %s parameters, %s", f"{model.num_parameters():,}",
              f"from {restore}" if restore else "built from model.* (no checkpoint)")
     settings = DPOSettings.from_config(cfg.model.dpo)
-    train = TrainData(train_ds, list(range(len(train_ds))))
-    val = TrainData(val_ds, list(range(len(val_ds)))) if val_ds is not None else None
+    train, val = make_train_data(cfg, train_ds, "train"), make_train_data(cfg, val_ds, "validation")
+    run = None  # distributed: `model` becomes this rank's pipeline stage, tensor- and FSDP-sharded
+    if parallel.distributed:
+        run = ParallelRun(parallel, model, chunk_size=settings.chunk_size, autocast=autocast, datasets=(train, val),
+                          online_reference=settings.needs_reference and resolve_ref_mode(cfg.model) == "online")
     reference = prepare_reference(cfg, model, settings, {"train": train, "validation": val}, autocast, log_dir,
-                                  restore, tokenizer.pad_id)
-    algorithm = DPOAlgorithm(model, settings, tokenizer.pad_id, reference=reference, autocast=autocast)
+                                  restore, tokenizer.pad_id, parallel_run=run)
+    algorithm = DPOAlgorithm(run.policy if run else model, settings, tokenizer.pad_id, reference=reference,
+                             autocast=autocast)
+    if run is not None:
+        run.attach(algorithm)
     optim = cfg.model.optim
     optimizer = build_optimizer(model, name=optim.name, lr=optim.lr, weight_decay=optim.weight_decay,
                                 betas=tuple(optim.betas), eps=optim.eps)
     checkpointer = None
     if cfg.exp_manager.create_checkpoint_callback:
         params = cfg.exp_manager.checkpoint_callback_params
-        checkpointer = Checkpointer(log_dir / "checkpoints", params.save_top_k, params.monitor, params.mode)
+        checkpointer = Checkpointer(log_dir / "checkpoints", params.save_top_k, params.monitor, params.mode,
+                                    topology=run.topology() if run else None)
     data_metrics = {"data/truncated_pairs": train_ds.report.num_truncated,
                     "data/dropped_pairs": train_ds.report.num_dropped}
     trainer = Trainer(model=model, algorithm=algorithm, optimizer=optimizer, scheduler=None, train_data=train,
                       val_data=val, loop=cfg.trainer.dpo, global_batch_size=cfg.model.global_batch_size,
                       micro_batch_size=cfg.model.micro_batch_size, seed=cfg.model.seed, logger=None,
                       checkpointer=checkpointer, monitor=cfg.exp_manager.checkpoint_callback_params.monitor,
-                      device=device, data_metrics=data_metrics, shuffle=cfg.model.data.shuffle)
+                      device=device, data_metrics=data_metrics, shuffle=cfg.model.data.shuffle,
+                      **(run.trainer_kwargs() if run else {}))
     sched = optim.sched
     trainer.scheduler = build_scheduler(optimizer, name=sched.name, max_steps=sched.max_steps or trainer.max_steps,
                                         warmup_steps=sched.warmup_steps, constant_steps=sched.constant_steps,
@@ -143,33 +227,37 @@ def run_dpo(cfg: DPORunConfig) -> dict:
     trainer.logger = MetricsLogger(log_dir, tensorboard=cfg.exp_manager.create_tensorboard_logger,
                                    wandb=cfg.exp_manager.create_wandb_logger,
                                    wandb_kwargs=dataclasses.asdict(cfg.exp_manager.wandb_logger_kwargs),
-                                   run_config=dataclasses.asdict(cfg), resume_step=trainer.state.step)
+                                   run_config=dataclasses.asdict(cfg), resume_step=trainer.state.step,
+                                   is_rank_zero=parallel.is_rank_zero)
     trainer.progress = ProgressBar(total=trainer.max_steps, initial=trainer.state.step,
-                                   enabled=cfg.exp_manager.progress_bar)
-    log.info("training: %d steps (%d per epoch), global batch %d pairs, micro batch %d, log dir %s",
+                                   enabled=cfg.exp_manager.progress_bar and parallel.is_rank_zero)
+    log.info("training: %d steps (%d per epoch), global batch %d %s, micro batch %d, log dir %s",
              trainer.max_steps, trainer.sampler.steps_per_epoch, cfg.model.global_batch_size,
-             cfg.model.micro_batch_size, log_dir)
+             "packs" if train.packed else "pairs", cfg.model.micro_batch_size, log_dir)
     result = trainer.fit()
     trainer.progress.close()
     trainer.logger.close()
-    hf_dir = save_pretrained(model, log_dir / "hf", tokenizer=tokenizer)
+    hf_dir = export_hf(model, log_dir / "hf", tokenizer, cfg.model.peft, restore, parallel_run=run)  # LoRA: PEFT folder
     result.update(log_dir=str(log_dir), hf_dir=str(hf_dir), resumed=bool(resumed), history=trainer.history)
     log.info(summary(result, log_dir))
     return result
 
 
 def summary(result: dict, log_dir: Path) -> str:
-    def fmt(metrics, keys=("loss", "acc")):
-        return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics) or "-"
+    def fmt(metrics, prefix=""):
+        return ", ".join(f"{k} {metrics[prefix + k]:.4f}" for k in ("loss", "acc") if prefix + k in metrics) or "-"
 
     lines = [f"done: {result['steps']} steps in {result['time']:.1f}s",
-             f"  train: {fmt(result['train'])}, tokens/s {result['train'].get('tokens_per_sec', 0):.0f}"]
+             f"  train (last step): {fmt(result['train'])}, tokens/s {result['train'].get('tokens_per_sec', 0):.0f}"]
     if result["initial_val"]:
-        lines.append(f"  val before training: {fmt(result['initial_val'])}")
+        lines.append(f"  val before training: loss {result['initial_val']['loss']:.4f} (policy = reference)")
+    val_rows = [r for r in result["history"] if "val/loss" in r]
+    if len(val_rows) > 1:
+        lines.append(f"  val, first check:    {fmt(val_rows[0], 'val/')}")
     if result["val"]:
         lines.append(f"  val at the end:      {fmt(result['val'])}")
     lines.append(f"  outputs: {log_dir}/metrics.jsonl, tensorboard/, checkpoints/, hf/, curves.png")
     return "\n".join(lines)
 
 
-__all__ = ["run_dpo", "TrainData", "load_datasets", "data_files"]
+__all__ = ["run_dpo", "TrainData", "load_datasets", "data_files", "data_options", "make_train_data"]

@@ -41,12 +41,26 @@ def _single_process_quiet():
         yield
 
 
+def _state_options(model) -> StateDictOptions:
+    """Frozen parameters (a LoRA run's base model) are neither saved nor loaded: every start reads them
+    from the pretrained checkpoint, so a checkpoint holds the trainable ones (adapters) and their optimiser
+    state. dcp.load still fails on any trainable tensor missing from the checkpoint."""
+    frozen = any(not p.requires_grad for p in model.parameters())
+    # Flattened optimiser state keys its param groups by parameter name: pipeline stages hold different
+    # parameters, and a nested `param_groups` list would be saved once (rank 0's) for every rank.
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen, flatten_optimizer_state_dict=True)
+
+
 class Checkpointer:
-    def __init__(self, directory, save_top_k: int = 3, monitor: str = "val_loss", mode: str = "min"):
+    def __init__(self, directory, save_top_k: int = 3, monitor: str = "val_loss", mode: str = "min",
+                 topology: dict | None = None):
+        """topology: the parallel layout (pp/dp/tp sizes, layer split), stored with each checkpoint; a
+        resume under a different layout fails (sharded state only loads into the layout that wrote it)."""
         self.dir = Path(directory)
         self.save_top_k = save_top_k
         self.monitor = monitor
         self.mode = mode
+        self.topology = topology
 
     def complete(self) -> list[Path]:
         if not self.dir.is_dir():
@@ -67,12 +81,13 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options(model))
         state = {"model": model_sd, "optim": optim_sd, "rng": torch.get_rng_state()}
         with _single_process_quiet():
             dcp.save(state, checkpoint_id=str(tmp))
         if _is_rank_zero():
-            (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+            extra = {"topology": self.topology} if self.topology is not None else {}
+            (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, **extra, "step": step}, indent=2))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -81,12 +96,19 @@ class Checkpointer:
         return final
 
     def load(self, path: Path, model, optimizer) -> dict:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        saved = json.loads((path / STATE_FILE).read_text())
+        layout = saved.get("topology") or {"pp": 1, "dp": 1, "tp": 1}
+        mine = self.topology or {"pp": 1, "dp": 1, "tp": 1}
+        if {k: layout.get(k, 1) for k in mine} != mine:
+            raise ValueError(f"{path} was saved with parallel layout {layout} but this run uses {mine}; resume "
+                             "with the same trainer.num_nodes x devices, tensor/pipeline_model_parallel_size and "
+                             "pipeline_layer_split (or start a new log dir from the exported Hugging Face model)")
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options(model))
         state = {"model": model_sd, "optim": optim_sd, "rng": torch.get_rng_state()}
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=StateDictOptions(strict=True))
+                       options=_state_options(model))
         torch.set_rng_state(state["rng"])
         return json.loads((path / STATE_FILE).read_text())
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_aligner.config.schema import LoopConfig
+from nemo_aligner.training.executor import PlainExecutor
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,12 @@ class DataParallel:
         if dist.is_initialized():
             dist.all_reduce(tensor, group=self.group)
         return tensor
+
+    def all_reduce_max(self, value: int) -> int:
+        tensor = torch.tensor([value], dtype=torch.int64)
+        if dist.is_initialized():
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+        return int(tensor.item())
 
 
 class GlobalBatchSampler:
@@ -76,8 +83,12 @@ class Trainer:
     def __init__(self, *, model, algorithm, optimizer, scheduler, train_data, val_data, loop: LoopConfig,
                  global_batch_size: int, micro_batch_size: int, seed: int, logger, checkpointer=None,
                  monitor: str = "val_loss", device="cpu", dp: DataParallel | None = None, progress=None,
-                 data_metrics: dict | None = None, shuffle: bool = True):
+                 data_metrics: dict | None = None, shuffle: bool = True, executor=None, clip_grad=None):
+        """executor: runs a step's micro-batches (default: the plain micro-batch loop; a pipeline executor
+        under pipeline parallel). clip_grad(params, max_norm) -> global norm: default torch's."""
         self.model, self.algorithm, self.optimizer, self.scheduler = model, algorithm, optimizer, scheduler
+        self.executor = executor or PlainExecutor(algorithm, device=device)
+        self.clip_grad = clip_grad
         self.train_data, self.val_data = train_data, val_data  # objects with .dataset, .items, .packed
         self.loop, self.logger, self.checkpointer = loop, logger, checkpointer
         self.micro_batch_size, self.monitor, self.device = micro_batch_size, monitor, device
@@ -108,12 +119,8 @@ class Trainer:
         batches = [self.algorithm.make_batch(self.train_data.dataset, m, self.train_data.packed) for m in micro]
         num_units = self._num_units(batches)
         self.optimizer.zero_grad(set_to_none=True)
-        sums, tokens = {}, 0
-        for batch in batches:
-            loss, metric_sums = self.algorithm.loss(batch.to(self.device), num_units)
-            loss.backward()
-            _accumulate(sums, metric_sums)
-            tokens += batch.num_real_tokens
+        sums = self.executor.forward_backward(batches, num_units)
+        tokens = sum(batch.num_real_tokens for batch in batches)
         grad_norm = self._clip()
         self.optimizer.step()
         self.scheduler.step()
@@ -125,6 +132,8 @@ class Trainer:
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.loop.gradient_clip_val if self.loop.gradient_clip_val > 0 else float("inf")
+        if self.clip_grad is not None:
+            return float(self.clip_grad(params, max_norm))
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if hasattr(norm, "full_tensor"):  # DTensor under tensor/data parallel
             norm = norm.full_tensor()
@@ -146,14 +155,16 @@ class Trainer:
         count = min(n, limit * self.sampler.global_batch_size) if isinstance(limit, int) else max(1, int(n * limit))
         chosen = list(items[:count])
         mine = chosen[self.dp.rank::self.dp.size]
-        sums = {}
         batches = [self.algorithm.make_batch(self.val_data.dataset, mine[i:i + self.micro_batch_size],
                                              self.val_data.packed)
                    for i in range(0, len(mine), self.micro_batch_size)]
         num_units = self._num_units(batches)
-        for batch in batches:
-            _, metric_sums = self.algorithm.loss(batch.to(self.device), num_units)
-            _accumulate(sums, metric_sums)
+        # Every data-parallel rank runs as many forwards as the busiest one (FSDP's all-gathers are
+        # collective); the extra ones repeat real items and are not counted.
+        num_real, num_forwards = len(batches), self.dp.all_reduce_max(len(batches))
+        filler = batches[:1] or [self.algorithm.make_batch(self.val_data.dataset, chosen[:1], self.val_data.packed)]
+        batches += filler * (num_forwards - num_real)
+        sums = self.executor.evaluate(batches, num_units, num_real)
         return self._reduce(sums, num_units)
 
     # ------------------------------------------------------------------ the loop
@@ -182,9 +193,10 @@ class Trainer:
             step_time = time.perf_counter() - t0
             self.state.step += 1
             self.state.consumed_samples += self.sampler.global_batch_size
+            tokens = train.pop("tokens")
             last_train = {**train, "lr": self.scheduler.get_last_lr()[0], "step_time": step_time, "epoch": epoch,
                           "consumed_samples": self.state.consumed_samples,
-                          "tokens_per_sec": train.pop("tokens") / step_time}
+                          "tokens_per_sec": tokens / step_time}
             record = {f"train/{k}": v for k, v in last_train.items()} | self.data_metrics
             if self.state.step % self.val_every == 0 or self.state.step == self.max_steps:
                 last_val = self.validate()

@@ -20,6 +20,7 @@ from nemo_aligner.models.hf.gpt2 import GPT2Family
 from nemo_aligner.models.hf.llama import LlamaFamily
 from nemo_aligner.models.hf.mistral import MistralFamily
 from nemo_aligner.models.hf.qwen2 import Qwen2Family
+from nemo_aligner.models.lora import base_weights
 
 FAMILIES = {f.model_type: f for f in (LlamaFamily(), MistralFamily(), Qwen2Family(), GPT2Family())}
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
@@ -110,11 +111,13 @@ def save_pretrained(model: GPTModel, path, tokenizer=None, model_type: str | Non
     """Write a Hugging Face folder atomically (temporary folder renamed into place).
 
     state_dict: our tensor names -> full tensors, when the caller has gathered them (e.g. from shards);
-    defaults to the model's own. dtype defaults to the parameters' dtype.
+    defaults to the model's own. dtype defaults to the parameters' dtype. With LoRA applied this writes
+    the base model (adapters left out): use models.hf.peft.save_adapters / save_merged for those.
     """
     path = Path(path)
     model_type = model_type or getattr(model, "hf_model_type", None) or infer_model_type(model.config)
-    tensors = state_dict if state_dict is not None else model.state_dict()
+    # LoRA-wrapped models: the base weights under their original names (adapters: models.hf.peft).
+    tensors = base_weights(state_dict if state_dict is not None else model.state_dict())
     dtype = resolve_dtype(dtype) if dtype is not None else next(iter(tensors.values())).dtype
     config = hf_config_dict(model, model_type, dtype, tokenizer)
     hf_tensors = FAMILIES[model_type].to_hf({k: v.detach().to("cpu", dtype) for k, v in tensors.items()})

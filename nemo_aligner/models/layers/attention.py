@@ -6,7 +6,8 @@ Packed sequences are described by `segment_ids_BT` (one id per token; equal ids 
 sequences contiguous). Two kernels compute the same thing:
 - reference path (any device): `scaled_dot_product_attention` with an explicit boolean mask;
 - CUDA path: `torch.nn.attention.varlen.varlen_attn` (flash) over cumulative sequence lengths,
-  used when the tensors are on CUDA in fp16/bf16 and the kernel exists; anything else falls back.
+  used when attention runs on CUDA in fp16/bf16 (half-precision weights, or fp32 weights under
+  autocast, i.e. bf16-mixed) and the kernel exists; anything else falls back.
 The head counts are read from the projected tensors, not the config, so the same code runs on
 tensor-parallel shards that hold a subset of the heads.
 """
@@ -33,10 +34,22 @@ class AttentionContext:
     cu_seqlens_N1: torch.Tensor | None = None  # int32 boundaries over the flattened batch (varlen path)
     max_seqlen: int = 0
     sliding_window: int | None = None
+    compute_dtype: torch.dtype | None = None  # varlen path: q/k/v are cast to this (the kernel has no autocast)
 
 
 def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
     return _varlen_attn is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+
+def attention_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype attention runs in: the autocast dtype when autocast is on for `device`, else `dtype`.
+
+    Under bf16-mixed the weights and the residual stream stay fp32, so the hidden states' dtype alone
+    would never pick the half-precision kernel.
+    """
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):  # meta has no autocast state
+        return torch.get_autocast_dtype(device.type)
+    return dtype
 
 
 def build_attention_context(
@@ -52,9 +65,11 @@ def build_attention_context(
         if window is None:
             return AttentionContext()
         return AttentionContext(mask_B1TT=_causal_mask(seq_len, window, device)[None, None])
-    if use_varlen and varlen_available(device, dtype):
+    compute_dtype = attention_dtype(device, dtype)
+    if use_varlen and varlen_available(device, compute_dtype):
         cu_seqlens, max_seqlen = cu_seqlens_from_segments(segment_ids_BT)
-        return AttentionContext(cu_seqlens_N1=cu_seqlens, max_seqlen=max_seqlen, sliding_window=window)
+        return AttentionContext(cu_seqlens_N1=cu_seqlens, max_seqlen=max_seqlen, sliding_window=window,
+                                compute_dtype=compute_dtype)
     same_segment_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
     mask_B1TT = (same_segment_BTT & _causal_mask(seq_len, window, device))[:, None]
     return AttentionContext(mask_B1TT=mask_B1TT)
@@ -111,7 +126,11 @@ class SelfAttention(nn.Module):
 
     def _varlen(self, q_BHTD, k_BGTD, v_BGTD, ctx):
         B, H, T, D = q_BHTD.shape
-        flat = lambda t: t.transpose(1, 2).reshape(B * T, t.shape[1], D)  # noqa: E731
+        # Under autocast q/k leave RoPE in fp32 while v is bf16; the kernel needs one half dtype.
+        dtype = ctx.compute_dtype or q_BHTD.dtype
+        flat = lambda t: t.transpose(1, 2).reshape(B * T, t.shape[1], D).to(dtype)  # noqa: E731
+        # Flash's window (left, right): query i sees keys i-left..i+right, so W keys is (W - 1, 0),
+        # the same set as the mask path's i - j < W; (-1, 0) is plain causal.
         window = (ctx.sliding_window - 1, 0) if ctx.sliding_window else (-1, 0)
         out = _varlen_attn(
             flat(q_BHTD), flat(k_BGTD), flat(v_BGTD), ctx.cu_seqlens_N1, ctx.cu_seqlens_N1,

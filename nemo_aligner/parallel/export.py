@@ -1,0 +1,135 @@
+"""Hugging Face export of a sharded (FSDP / tensor / pipeline parallel) model, gathered to rank 0 a
+layer at a time and streamed into safetensors shards.
+
+For each layer (then the embeddings / final norm / output projection), the ranks of the stage that
+owns it call `full_tensor()` on each parameter (the all-gathers run inside that stage), the stage's
+first rank sends the full tensors to global rank 0, and rank 0 converts the layer with the family's
+name map and appends it to the shard being written (flushed at `max_shard_size_bytes`). Rank 0 so
+holds at most one layer plus one unwritten shard; no rank ever holds the whole model.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
+
+from nemo_aligner.models.gpt import GPTModel
+from nemo_aligner.models.hf import FAMILIES, hf_config_dict, infer_model_type
+from nemo_aligner.models.hf.common import INDEX_FILE, SINGLE_FILE, atomic_dir, finish_atomic_dir, resolve_dtype
+from nemo_aligner.models.lora import base_weights
+
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+class ShardedSafetensorsWriter:
+    """Writes tensors as they arrive into shards of at most max_shard_bytes, then names them as
+    `save_pretrained` does (one model.safetensors, or model-0000k-of-0000n + index)."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int):
+        self.folder, self.max_shard_bytes = folder, max_shard_bytes
+        self.current, self.current_bytes, self.total_bytes = {}, 0, 0
+        self.shards: list[list[str]] = []
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            size = tensor.numel() * tensor.element_size()
+            if self.current and self.current_bytes + size > self.max_shard_bytes:
+                self._flush()
+            self.current[name] = tensor.contiguous()
+            self.current_bytes += size
+            self.total_bytes += size
+
+    def _flush(self) -> None:
+        save_file(self.current, self.folder / f"part-{len(self.shards):05d}", metadata={"format": "pt"})
+        self.shards.append(list(self.current))
+        self.current, self.current_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.current or not self.shards:
+            self._flush()
+        n = len(self.shards)
+        if n == 1:
+            os.replace(self.folder / "part-00000", self.folder / SINGLE_FILE)
+            return
+        weight_map = {}
+        for k, names in enumerate(self.shards):
+            final = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / f"part-{k:05d}", self.folder / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+
+def _units(names: list[str]) -> list[list[str]]:
+    """Parameter names grouped into export units: one per layer, then everything else."""
+    layers, rest = {}, []
+    for name in names:
+        match = _LAYER.match(name)
+        if match:
+            layers.setdefault(int(match.group(1)), []).append(name)
+        else:
+            rest.append(name)
+    return [layers[i] for i in sorted(layers)] + [rest]
+
+
+def _owner(name: str, stage_layers: list[range]) -> int:
+    match = _LAYER.match(name)
+    if match:
+        index = int(match.group(1))
+        return next(s for s, layers in enumerate(stage_layers) if index in layers)
+    if name.startswith(("embedding.", "position_embedding.")):
+        return 0
+    return len(stage_layers) - 1  # final_norm, output_layer
+
+
+def export_hf_parallel(parallel, stage_model, path, tokenizer=None, model_type: str | None = None, dtype=None,
+                       max_shard_size_bytes: int = 5 * 2**30) -> Path:
+    """Collective: every rank calls it with its stage's GPTModel (the pruned, sharded one). Rank 0 writes
+    `path` atomically (temporary folder renamed into place); all ranks return when it is complete."""
+    path = Path(path)
+    config = stage_model.config
+    model_type = model_type or getattr(stage_model, "hf_model_type", None) or infer_model_type(config)
+    family = FAMILIES[model_type]
+    with torch.device("meta"):
+        full_shapes = {name: t.shape for name, t in GPTModel(config).state_dict().items()}
+    local = base_weights(stage_model.state_dict())  # LoRA-wrapped stages: base weights, original names
+    param_dtype = next(iter(local.values())).dtype
+    dtype = resolve_dtype(dtype) if dtype is not None else param_dtype
+    stage_layers = parallel.dims.stage_layers(config.num_layers)
+    is_zero = parallel.rank == 0
+    writer = tmp = None
+    if is_zero:
+        tmp = atomic_dir(path)
+        writer = ShardedSafetensorsWriter(tmp, max_shard_size_bytes)
+    for unit in _units(list(full_shapes)):
+        gathered = {}
+        for name in unit:
+            owner = _owner(name, stage_layers)
+            leader = parallel.stage_leader(owner)
+            tensor = None
+            if parallel.pp_rank == owner:
+                tensor = local[name]
+                tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+                if parallel.rank == leader and not is_zero:
+                    dist.send(tensor.detach().contiguous().to(param_dtype), dst=0)
+            if is_zero:
+                if owner != 0:
+                    tensor = torch.empty(full_shapes[name], dtype=param_dtype, device=parallel.device)
+                    dist.recv(tensor, src=leader)
+                gathered[name] = tensor.detach().to("cpu", dtype)
+        if is_zero:
+            writer.add(family.to_hf(gathered))
+    if is_zero:
+        writer.close()
+        config_json = hf_config_dict(stage_model, model_type, dtype, tokenizer)
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        finish_atomic_dir(tmp, path)
+    dist.barrier()
+    return path

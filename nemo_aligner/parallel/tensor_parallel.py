@@ -1,0 +1,142 @@
+"""Tensor parallel for a built GPTModel with DTensor `parallelize_module` (Megatron's layout).
+
+Per layer: q/k/v and gate/up are column-parallel (each rank holds a slice of the heads / of the FFN),
+o and down are row-parallel (partial sums all-reduced). The embedding is vocab-parallel, and the
+output projection is column-parallel over the vocabulary with its logits left sharded: per-token
+log-probs come from `F.cross_entropy` under `loss_parallel()` (a max and a sum all-reduced per
+token), so a [tokens, vocab] tensor is never gathered. Attention reads its head counts from tensor
+shapes, so the model code is unchanged. Tied embeddings need nothing special: the embedding and the
+output projection shard the same [V, E] weight the same way (Shard(0)).
+
+Sequence parallel (model.sequence_parallel): between the row- and column-parallel blocks the
+activations stay sharded over the sequence (norms run on T/tp tokens); attention and MLP inputs are
+all-gathered, row-parallel outputs reduce-scattered. T must then be a multiple of tp (executors pad).
+
+Shapes: N scored tokens, E hidden, V vocabulary.
+"""
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel, loss_parallel, parallelize_module,
+)
+
+from nemo_aligner.models.lora import lora_tp_plan
+
+_LOSS_PARALLEL_DEPTH = 0
+
+
+@contextlib.contextmanager
+def vocab_parallel_context(enabled: bool = True):
+    """`loss_parallel()` that nests: forward *and* backward of vocab-parallel log-probs must run inside it
+    (chunks are recomputed in backward). Executors wrap each step in it when tp > 1."""
+    global _LOSS_PARALLEL_DEPTH
+    if not enabled or _LOSS_PARALLEL_DEPTH > 0:
+        _LOSS_PARALLEL_DEPTH += enabled
+        try:
+            yield
+        finally:
+            _LOSS_PARALLEL_DEPTH -= enabled
+        return
+    with loss_parallel():
+        _LOSS_PARALLEL_DEPTH += 1
+        try:
+            yield
+        finally:
+            _LOSS_PARALLEL_DEPTH -= 1
+
+
+def vocab_parallel_logprobs(hidden_NE: torch.Tensor, weight_VE: DTensor, targets_N: torch.Tensor,
+                            with_correct: bool = False):
+    """log p(target) [N] from a vocab-sharded output weight (Shard(0) over a 1-D tp mesh); hidden is the
+    full (replicated) hidden state. with_correct: also argmax == target, from per-shard maxima."""
+    if _LOSS_PARALLEL_DEPTH == 0:
+        raise RuntimeError("vocab-parallel log-probs must run inside nemo_aligner.parallel.tensor_parallel."
+                           "vocab_parallel_context() (forward and backward)")
+    mesh = weight_VE.device_mesh
+    if mesh.ndim != 1 or not weight_VE.placements[0].is_shard(0):
+        raise ValueError(f"vocab-parallel log-probs expect the output weight sharded over the vocabulary on a 1-D "
+                         f"mesh; got placements {weight_VE.placements} on mesh {mesh.mesh_dim_names}")
+    hidden = DTensor.from_local(hidden_NE, mesh, [Replicate()], run_check=False)
+    logits_NV = F.linear(hidden, weight_VE).float()  # DTensor, Shard(-1): each rank holds V/tp columns
+    logps_N = -F.cross_entropy(logits_NV, targets_N, reduction="none")
+    logps_N = logps_N.to_local() if isinstance(logps_N, DTensor) else logps_N
+    if not with_correct:
+        return logps_N
+    return logps_N, _vocab_parallel_argmax(logits_NV.detach(), weight_VE) == targets_N
+
+
+def _vocab_parallel_argmax(logits_NV: DTensor, weight_VE: DTensor) -> torch.Tensor:
+    """Global argmax over sharded columns: each rank's (max, index), all-gathered ([tp, N, 2] floats)."""
+    local_NV = logits_NV.to_local()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(weight_VE.shape, weight_VE.device_mesh, weight_VE.placements)
+    if local_NV.shape[-1] == 0:
+        best, idx = local_NV.new_full(local_NV.shape[:-1], float("-inf")), local_NV.new_zeros(local_NV.shape[:-1])
+    else:
+        best, idx = local_NV.max(dim=-1)
+    mine = torch.stack([best, (idx + offset[0]).to(best.dtype)], dim=-1)
+    group = weight_VE.device_mesh.get_group()
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    stacked = torch.stack(gathered)  # ranks in vocabulary order: the first maximum wins, as torch.argmax
+    winner = stacked[..., 0].argmax(dim=0)
+    return stacked[..., 1].gather(0, winner[None]).squeeze(0).long()
+
+
+def layer_plan(sequence_parallel: bool) -> dict:
+    row_out = Shard(1) if sequence_parallel else Replicate()
+    plan = {
+        "self_attention.q_proj": ColwiseParallel(),
+        "self_attention.k_proj": ColwiseParallel(),
+        "self_attention.v_proj": ColwiseParallel(),
+        "self_attention.o_proj": RowwiseParallel(output_layouts=row_out),
+        "mlp.gate_proj": ColwiseParallel(),
+        "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(output_layouts=row_out),
+    }
+    if sequence_parallel:
+        plan |= {
+            "input_norm": SequenceParallel(),
+            "post_attention_norm": SequenceParallel(),
+            "self_attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                                 desired_input_layouts=(Replicate(), None, None)),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        }
+    return plan
+
+
+def apply_tensor_parallel(module, tp_mesh, sequence_parallel: bool = False):
+    """Shard a GPTModel (or a TokenLogProbModel around one, or a pipeline stage of either) over `tp_mesh` in place."""
+    model = getattr(module, "model", module)
+    frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+    for layer in model.layers.values():
+        plan = layer_plan(sequence_parallel)
+        if not layer.mlp.gated:
+            del plan["mlp.gate_proj"]
+        parallelize_module(layer, tp_mesh, lora_tp_plan(layer, plan))  # LoRA: A/B sharded like their base
+    embed_out = Shard(1) if sequence_parallel else Replicate()
+    if model.embedding is not None:
+        parallelize_module(model.embedding, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=embed_out))
+    if model.position_embedding is not None and sequence_parallel:
+        # added to the sequence-sharded token embeddings, so it must come out sharded the same way
+        parallelize_module(model.position_embedding, tp_mesh,
+                           RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)))
+    if model.output_layer is not None:
+        parallelize_module(model.output_layer, tp_mesh,
+                           ColwiseParallel(output_layouts=Shard(-1), use_local_output=False))
+    if sequence_parallel and model.final_norm is not None:
+        parallelize_module(model.final_norm, tp_mesh, SequenceParallel())
+        head = getattr(module, "head", None)
+        if head is not None:  # gather the sequence before projecting to the vocabulary
+            parallelize_module(head, tp_mesh, PrepareModuleInput(
+                input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None),
+                use_local_output=True))
+    for name, p in module.named_parameters():  # SequenceParallel re-creates parameters with requires_grad=True
+        p.requires_grad_(name not in frozen)  # (a LoRA run's frozen norms would start training)
+    return module
