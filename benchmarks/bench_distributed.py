@@ -92,7 +92,7 @@ def worker(rank, world, tp, pp, args, data_dir, port, out_file):
                                         constant_steps=0, min_lr=0.0)
     times = []
     for step in range(args.warmup + args.steps):
-        items = [train.items[i] for i in trainer.sampler.global_batch(0, step)]
+        items = [train.items[i] for i in trainer.sampler.global_batch(*divmod(step, trainer.sampler.steps_per_epoch))]
         t0 = time.perf_counter()
         trainer.train_step(items)
         if step >= args.warmup:

@@ -37,7 +37,7 @@ import time
 import numpy as np
 import torch
 
-from nemo_aligner.algorithms.dpo import AdapterReference, DPOAlgorithm, DPOSettings
+from nemo_aligner.algorithms.dpo import AdapterReference, DPOAlgorithm, DPOSettings, precompute_reference
 from nemo_aligner.config.schema import DPOConfig, LoraConfig
 from nemo_aligner.data.datasets import DatasetReport, PreferenceDataset
 from nemo_aligner.data.packed_file import pack_dataset, pack_summary
@@ -93,6 +93,11 @@ def train(args, packed: bool, variant: str = "full") -> dict:
         reference, dataset.ref_chosen, dataset.ref_rejected = AdapterReference(model), None, None
     settings = DPOSettings.from_config(DPOConfig(ref_policy_kl_penalty=0.1, logprob_chunk_size=1024))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    if args.lora and reference is None:
+        # The initial model's log-probs, as ref_mode=precompute computes them. The synthetic ones are far
+        # from the policy's: the sigmoid saturates and backward runs on denormal floats, several times
+        # slower on CPU, which would make the reference mode, not LoRA, decide the comparison.
+        precompute_reference(model, dataset, micro_batches(dataset, args, packed), 0, 1024, autocast, packed=packed)
     algorithm = DPOAlgorithm(model, settings, pad_id=0, reference=reference, autocast=autocast)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     batches = [algorithm.make_batch(dataset, m, packed).to(device) for m in micro_batches(dataset, args, packed)]
@@ -136,7 +141,7 @@ def _sync(device):
 
 
 def run_in_subprocess(layout: str, variant: str = "full") -> dict:
-    argv = [a for a in sys.argv[1:] if a not in ("--packed", "--padded", "--lora")]
+    argv = [a for a in sys.argv[1:] if a not in ("--packed", "--padded")]
     print(f"  running {layout} {variant} ...", file=sys.stderr, flush=True)
     proc = subprocess.run([sys.executable, __file__, *argv, "--_child", layout, "--_variant", variant],
                           capture_output=True, text=True)
@@ -191,7 +196,7 @@ def parse_args():
     mode.add_argument("--packed", action="store_true", help="only the packed layout, in this process")
     mode.add_argument("--padded", action="store_true", help="only the padded layout, in this process")
     parser.add_argument("--_child", choices=("padded", "packed"), help=argparse.SUPPRESS)
-    parser.add_argument("--lora", action="store_true", help="full-parameter vs LoRA DPO (packed layout)")
+    parser.add_argument("--lora", action="store_true", help="full-parameter vs LoRA DPO (packed layout, real reference log-probs)")
     parser.add_argument("--lora_rank", type=int, default=16, help="LoRA rank for --lora (all projections)")
     parser.add_argument("--_variant", choices=LORA_VARIANTS, default="full", help=argparse.SUPPRESS)
     return parser.parse_args()

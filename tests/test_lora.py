@@ -299,12 +299,12 @@ def _tp_inputs():
     return model, ids, labels
 
 
-def _tp_worker(rank, world, port, out_dir):
+def _tp_module_steps(rank, world, port, out_dir):
+    """In a worker of `lora_runs`: the module-level tp2 runs (plain and sequence parallel)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
@@ -327,15 +327,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_lora_under_tp2_equals_single_process_for_3_steps(tmp_path):
-    import torch.multiprocessing as mp
+def test_lora_under_tp2_equals_single_process_for_3_steps(lora_runs):
+    """The module itself under DTensor tensor parallel: placements, 3 AdamW steps, base untouched."""
     from torch.distributed.tensor import Shard
 
     model, ids, labels = _tp_inputs()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     losses, state = _tp_steps(model, ids, labels)
-    mp.spawn(_tp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    results = torch.load(tmp_path / "tp.pt")
+    results = torch.load(lora_runs / "tp.pt")
     for sp, (tp_losses, tp_state, placements) in results.items():
         assert placements == {"q_B": (Shard(0),), "o_A": (Shard(1),)}
         assert tp_losses == pytest.approx(losses, abs=1e-5), sp
@@ -370,12 +369,20 @@ def _lora_worker(rank: int, root: str, ports: dict):
 
     torch.set_num_threads(1)
     root = Path(root)
+    _tp_module_steps(rank, 2, ports["module"], str(root))
     for name, (overrides, phases) in LORA_LAYOUTS.items():
         os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(ports[name]))
         for phase in phases:
             _lora_run(root / name / phase, root / "data", 2,
                       overrides + LORA_PHASES[phase] + SP.get((name, phase), []))
+        if name == "pp2":  # continue from the single-process run's exported adapters, each stage its own layers
+            single = root / "single/adapter"
+            result = _lora_run(root / name / "restore", root / "data", 2, overrides + [
+                f"pretrained_checkpoint.restore_from_path={single / 'hf_base'}",
+                f"model.peft.restore_from_path={single / 'hf'}", "trainer.dpo.max_steps=1"])
+            if rank == 0:
+                (root / name / "restore_initial_val.json").write_text(json.dumps(result["initial_val"]))
         if name == "dp2":  # resume the sharded adapters + optimiser state from step 2, train step 3 again
             if rank == 0:
                 shutil.copy(root / name / "adapter/metrics.jsonl", root / name / "straight.jsonl")
@@ -403,7 +410,7 @@ def lora_runs(tmp_path_factory):
     for phase, overrides in LORA_PHASES.items():
         _lora_run(root / "single" / phase, data, 1, overrides)
     torch.set_num_threads(threads)
-    ports = {name: _free_port() for name in LORA_LAYOUTS}
+    ports = {name: _free_port() for name in [*LORA_LAYOUTS, "module"]}
     mp.spawn(_lora_worker, args=(str(root), ports), nprocs=2, join=True)
     return root
 
@@ -424,6 +431,9 @@ def test_lora_dpo_distributed_equals_single_process(lora_runs, layout, phase):
         assert sorted(got) == sorted(expected), file
         for name, tensor in expected.items():
             torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-5, msg=lambda m: f"{file} {name}: {m}")
+    if layout == "pp2":  # restored adapters: the policy starts where the single-process run ended
+        initial = json.loads((lora_runs / layout / "restore_initial_val.json").read_text())
+        assert initial["loss"] == pytest.approx(want[-1]["val/loss"], abs=1e-5)
     if layout == "dp2":
         straight = [json.loads(line) for line in (lora_runs / layout / "straight.jsonl").read_text().splitlines()]
         assert_same_metrics(read_metrics(lora_runs / layout / phase), straight, "LoRA dp2 resumed from step 2")

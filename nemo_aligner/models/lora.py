@@ -251,21 +251,15 @@ def merge_adapters_(model: nn.Module) -> None:
         module.lora_B.weight.zero_()
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
 # ------------------------------------------------------------------------------------------ tensor parallel
 def lora_tp_plan(module: nn.Module, plan: dict) -> dict:
     """A tensor-parallel plan rewritten for LoRA-wrapped entries of `module` (a transformer layer).
 
     Column-parallel base (q/k/v, gate/up): B is sharded like the base (Shard(0) of [out, r]) and A is
     replicated (a plain tensor fed the local copy of the replicated input, which sequence parallel hands
-    over as a DTensor); B's input-gradient all-reduce (ColwiseParallel's) also completes A's gradient. Row-parallel base (o, down): A is sharded like the base (Shard(1) of
-    [r, in]), its [.., r] partial sums are reduced (cheaper than reducing [.., out]) and B, replicated,
-    runs on the result. With sequence parallel the row-parallel output is sequence-sharded, so B
+    over as a DTensor); B's input-gradient all-reduce (ColwiseParallel's) also completes A's gradient.
+    Row-parallel base (o, down): A is sharded like the base (Shard(1) of [r, in]), its [.., r] partial
+    sums are reduced (cheaper than reducing [.., out]) and B, replicated, runs on the result. With sequence parallel the row-parallel output is sequence-sharded, so B
     becomes a Replicate DTensor over sequence-sharded input (SequenceParallel) and its gradient is
     all-reduced like a norm weight's. Entries that are not LoRA-wrapped pass through unchanged.
     """
@@ -298,7 +292,8 @@ def lora_tp_plan(module: nn.Module, plan: dict) -> dict:
                                                     output_layouts=style.output_layouts[0],
                                                     use_local_output=style.use_local_output)
             if style.output_layouts[0] != Replicate():
-                out[f"{name}.lora_B"] = SequenceParallel(sequence_dim=style.output_layouts[0].dim, use_local_output=True)
+                out[f"{name}.lora_B"] = SequenceParallel(sequence_dim=style.output_layouts[0].dim,
+                                                         use_local_output=True)
         else:
             raise NotImplementedError(f"LoRA on {name}: no tensor-parallel rule for {type(style).__name__}")
     return out
@@ -307,4 +302,4 @@ def lora_tp_plan(module: nn.Module, plan: dict) -> dict:
 __all__ = ["LoRALinear", "apply_lora", "adapters_disabled", "set_adapters_enabled", "lora_modules", "has_lora",
            "base_weights", "adapter_weights", "merged_weights", "lora_scales", "resolve_target_modules",
            "lora_tp_plan", "TARGET_ALIASES", "INIT_METHODS", "wrap_linear", "freeze_base", "full_state_dict",
-           "count_parameters", "merge_adapters_", "is_adapter_key"]
+           "merge_adapters_", "is_adapter_key"]

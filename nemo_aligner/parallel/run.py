@@ -21,9 +21,23 @@ from nemo_aligner.training.loop import DataParallel
 log = logging.getLogger("nemo_aligner")
 
 
+def stage_pruner(parallel):
+    """For `build_model(prune=...)`: with pipeline parallel, a checkpoint is read for this stage's modules only."""
+    if not parallel.distributed or parallel.dims.pp == 1:
+        return None
+
+    def prune(model):
+        parallel.dims.check_model(model.config)
+        layers = parallel.dims.stage_layers(model.config.num_layers)[parallel.pp_rank]
+        return prune_to_stage(model, layers, parallel.is_first_stage, parallel.is_last_stage)
+
+    return prune
+
+
 def parallelize(parallel, model, chunk_size: int, frozen: bool = False) -> TokenLogProbModel:
-    """This rank's part of `model` (modified in place): its pipeline stage, tensor-parallel shards of it,
-    FSDP2 over "dp", inside a TokenLogProbModel whose forward ends in per-token log-probs."""
+    """This rank's part of `model` (modified in place): its pipeline stage (pruning is idempotent, so an
+    already pruned model is fine), tensor-parallel shards of it, FSDP2 over "dp", inside a
+    TokenLogProbModel whose forward ends in per-token log-probs."""
     dims, mesh = parallel.dims, parallel.mesh
     layers = dims.stage_layers(model.config.num_layers)[parallel.pp_rank]
     prune_to_stage(model, layers, parallel.is_first_stage, parallel.is_last_stage)
@@ -109,4 +123,4 @@ def all_ranks_have(path) -> bool:
     return bool(flag.item())
 
 
-__all__ = ["ParallelRun", "parallelize", "all_ranks_have"]
+__all__ = ["ParallelRun", "parallelize", "stage_pruner", "all_ranks_have"]

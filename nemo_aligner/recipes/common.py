@@ -52,9 +52,10 @@ def load_tokenizer(model_cfg, restore_from_path) -> Tokenizer:
     return Tokenizer.from_path(path, model_cfg.tokenizer.type)
 
 
-def build_model(model_cfg, restore_from_path, tokenizer, device) -> GPTModel:
+def build_model(model_cfg, restore_from_path, tokenizer, device, prune=None) -> GPTModel:
+    """prune(model) -> model: with a checkpoint, applied before its weights are read (pipeline stages)."""
     if restore_from_path:
-        model = load_pretrained(restore_from_path, dtype="fp32", device=device)
+        model = load_pretrained(restore_from_path, dtype="fp32", device=device, prune=prune)
         model.config.activations_checkpointing = model_cfg.activations_checkpoint_granularity is not None
     else:
         torch.manual_seed(model_cfg.seed)

@@ -23,7 +23,7 @@ from nemo_aligner.data.tokenize import TokenizeSettings
 from nemo_aligner.models.hf.peft import export_hf, setup_peft
 from nemo_aligner.models.lora import adapters_disabled
 from nemo_aligner.parallel.mesh import init_parallel
-from nemo_aligner.parallel.run import ParallelRun, all_ranks_have
+from nemo_aligner.parallel.run import ParallelRun, all_ranks_have, stage_pruner
 from nemo_aligner.recipes.common import (
     autocast_for, build_model, cache_key, load_tokenizer, log_dir_from, model_identity, pick_device, setup_logging,
 )
@@ -183,7 +183,7 @@ def run_dpo(cfg: DPORunConfig) -> dict:
     for name, ds in (("train", train_ds), ("validation", val_ds)):
         if ds is not None:
             log.info(ds.report.summary(name))
-    model = build_model(cfg.model, restore, tokenizer, device)
+    model = build_model(cfg.model, restore, tokenizer, device, prune=stage_pruner(parallel))
     setup_peft(model, cfg.model.peft)  # model.peft.peft_scheme=lora: adapters added, base frozen
     parallel.dims.check_model(model.config)
     log.info("model: %s parameters, %s", f"{model.num_parameters():,}",

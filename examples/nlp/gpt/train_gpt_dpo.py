@@ -4,6 +4,8 @@
     python examples/nlp/gpt/train_gpt_dpo.py pretrained_checkpoint.restore_from_path=/hf/model \\
         "model.data.data_prefix={train: [t.jsonl], validation: [v.jsonl], test: [v.jsonl]}" \\
         exp_manager.explicit_log_dir=/results ++model.dpo.ref_policy_kl_penalty=0.1
+    torchrun --nproc_per_node=4 examples/nlp/gpt/train_gpt_dpo.py trainer.devices=4 \\
+        model.tensor_model_parallel_size=2 ...                     # 2-way tensor x 2-way data parallel
 
 Config: conf/gpt_dpo.yaml (every key documented in nemo_aligner/config/schema.py).
 """

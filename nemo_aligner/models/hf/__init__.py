@@ -48,8 +48,11 @@ def config_from_pretrained(path) -> tuple[GPTConfig, str]:
         raise ValueError(f"{source}: missing key {err} required for model_type {family.model_type!r}") from None
 
 
-def load_pretrained(path, dtype="fp32", device="cpu") -> GPTModel:
-    """Build a GPTModel from a Hugging Face folder. dtype: fp32 | bf16 | fp16 (or a torch dtype)."""
+def load_pretrained(path, dtype="fp32", device="cpu", prune=None) -> GPTModel:
+    """Build a GPTModel from a Hugging Face folder. dtype: fp32 | bf16 | fp16 (or a torch dtype).
+
+    prune(model) -> model: drops modules before any weight is read (a pipeline stage reads only its own
+    layers' tensors)."""
     path = Path(path)
     dtype = resolve_dtype(dtype)
     config, model_type = config_from_pretrained(path)
@@ -58,14 +61,18 @@ def load_pretrained(path, dtype="fp32", device="cpu") -> GPTModel:
     names = [n for n in files if not family.is_ignored(n)]
     if config.share_embeddings_and_output_weights:
         names = [n for n in names if n != "lm_head.weight"]  # some writers store the tied copy too
+    with torch.device("meta"):
+        model = GPTModel(config)
+    if prune is not None:
+        model = prune(model)
+        wanted = set(family.to_hf(model.state_dict()))  # the HF names of what is left (meta tensors: no data)
+        names = [n for n in names if n in wanted]
     hf_tensors = read_tensors(files, names, dtype)
     try:
         tensors, sources = family.from_hf(hf_tensors)
     except KeyError as err:
         name = err.args[0]
         raise ValueError(f"{files[name]}: unexpected tensor {name!r} for model_type {model_type!r}") from None
-    with torch.device("meta"):
-        model = GPTModel(config)
     _check_tensors(model, tensors, sources, files, path)
     model.load_state_dict(tensors, assign=True, strict=True)
     model.hf_model_type = model_type

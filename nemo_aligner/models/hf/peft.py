@@ -247,6 +247,8 @@ def load_adapters(model, path, dropout: float = 0.0) -> list[str]:
         if ours is None:
             raise ValueError(f"{weights_file}: adapter on {hf_module!r}, which is not an attention or MLP "
                              f"projection of this {model_type} model")
+        if not _in_this_stage(inner, ours[0]):
+            continue
         rank = a.shape[0]
         alpha = _lookup(cfg.get("alpha_pattern"), hf_module, cfg.get("lora_alpha", 8))
         scale = alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
@@ -255,6 +257,12 @@ def load_adapters(model, path, dropout: float = 0.0) -> list[str]:
             wrapped.append(name)
     freeze_base(inner)
     return wrapped
+
+
+def _in_this_stage(inner, name: str) -> bool:
+    """False for a layer that a pipeline stage dropped (its adapters are another stage's)."""
+    match = re.match(r"layers\.(\d+)\.", name)
+    return not (match and match.group(1) not in inner.layers and int(match.group(1)) < inner.config.num_layers)
 
 
 def _adapter_pairs(tensors: dict, source: Path) -> dict:
