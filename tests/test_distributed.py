@@ -40,6 +40,8 @@ EXTRA_ONLINE = {"pp2": ["model.pipeline_schedule=gpipe"], "tp2": ["model.sequenc
 PACKED_LAYOUTS = ("pp2", "tp2_pp2")
 # Tied input/output embeddings under tensor parallel: one vocab-sharded weight serves both ends.
 TIED_LAYOUTS = ("dp2_tp2",)
+# Other members of the loss family (a weighted list, two of them reference-free) under tp x pp.
+LOSS_LAYOUTS = ("tp2_pp2",)
 STEPS = 3
 TIMING_KEYS = ("train/step_time", "train/tokens_per_sec")
 
@@ -61,6 +63,9 @@ def phase_overrides(phase: str, layout: str | None = None) -> list[str]:
     if phase == "packed":
         return ["model.data.packing=true", "model.data.pack_size=288", "model.global_batch_size=4",
                 "model.micro_batch_size=1", "model.dpo.ref_mode=online", "exp_manager.create_checkpoint_callback=false"]
+    if phase == "losses":
+        return ["model.dpo.preference_loss=[ipo,rpo_bwd_kl,simpo,orpo]", "model.dpo.preference_loss_weights=[0.1,1,1,1]",
+                "model.dpo.sft_loss_weight=0.1", "exp_manager.create_checkpoint_callback=false"]
     if phase == "tied":
         return ["model.share_embeddings_and_output_weights=true", "exp_manager.create_checkpoint_callback=false"]
     if phase == "online":
@@ -108,6 +113,8 @@ def _worker(rank: int, root: str, ports: dict):
             run(out / "packed", root / "data", world, overrides + phase_overrides("packed"))
         if name in TIED_LAYOUTS:
             run(out / "tied", root / "data", world, overrides + phase_overrides("tied"))
+        if name in LOSS_LAYOUTS:
+            run(out / "losses", root / "data", world, overrides + phase_overrides("losses"))
         dist.destroy_process_group()
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(key, None)
@@ -137,7 +144,7 @@ def runs(tmp_path_factory):
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr("nemo_aligner.training.logging.plot_curves", lambda *args, **kwargs: None)
-            for phase in ("precompute", "online", "packed", "tied"):
+            for phase in ("precompute", "online", "packed", "tied", "losses"):
                 run(root / "single" / phase, data, 1, phase_overrides(phase))
     finally:
         torch.set_num_threads(threads)
@@ -182,6 +189,13 @@ def test_packed_rows_metrics_equal_single_process(runs, layout):
     want = read(runs / "single/packed/metrics.jsonl")
     assert [r["step"] for r in want] == [1, 2, 3]
     assert_same_metrics(read(runs / layout / "packed/metrics.jsonl"), want, f"{layout} packed")
+
+
+@pytest.mark.parametrize("layout", LOSS_LAYOUTS)
+def test_loss_family_under_tensor_and_pipeline_parallel_equals_single_process(runs, layout):
+    want = read(runs / "single/losses/metrics.jsonl")
+    assert [r["step"] for r in want] == [1, 2, 3]
+    assert_same_metrics(read(runs / layout / "losses/metrics.jsonl"), want, f"{layout} loss family")
 
 
 @pytest.mark.parametrize("layout", TIED_LAYOUTS)
