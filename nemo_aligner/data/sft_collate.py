@@ -62,7 +62,9 @@ def _fill_rows(dataset, rows: list[list[int]], pad_id: int, packed: bool) -> SFT
             labels[r, scored] = example.ids[scored - start + 1]
             seq_index[r, scored] = s
             start, s = end, s + 1
-        segment_ids[r, start:] = len(row)  # trailing padding is its own segment
+        # Trailing padding: one segment per token so its positions stay 0 (learned positions would otherwise
+        # run past max_position_embeddings when a shorter pack is padded to a longer one in the micro-batch).
+        segment_ids[r, start:] = len(row) + np.arange(segment_ids.shape[1] - start)
     flat = [i for row in rows for i in row]
     return SFTBatch(
         input_ids=torch.from_numpy(input_ids), labels=torch.from_numpy(labels), seq_index=torch.from_numpy(seq_index),
