@@ -91,7 +91,7 @@ _PAD_VALUES = {"labels": -100, "seq_index": -1}
 def pad_batch(batch, num_rows: int, seq_len: int):
     """A copy of `batch` with every [R, T] tensor padded to [num_rows, seq_len]. Padding scores nothing
     (labels -100) and, being after every real token, cannot change a causal model's outputs; packed rows
-    get a fresh segment for the padding so positions restart at 0."""
+    give every padding token its own segment so its position is 0."""
     R, T = batch.input_ids.shape
     if (R, T) == (num_rows, seq_len):
         return batch
@@ -103,10 +103,11 @@ def pad_batch(batch, num_rows: int, seq_len: int):
         value = getattr(batch, f.name)
         if not isinstance(value, torch.Tensor) or value.dim() < 2 or tuple(value.shape[:2]) != (R, T):
             continue
-        fill = _PAD_VALUES.get(f.name, 0)
-        if f.name == "segment_ids":
-            fill = int(value.max()) + 1 if value.numel() else 0
-        out = value.new_full((num_rows, seq_len, *value.shape[2:]), fill)
+        if f.name == "segment_ids":  # one segment per padding token: positions stay 0 (learned positions)
+            first = int(value.max()) + 1 if value.numel() else 0
+            out = first + torch.arange(num_rows * seq_len, dtype=value.dtype, device=value.device).view(num_rows, seq_len)
+        else:
+            out = value.new_full((num_rows, seq_len, *value.shape[2:]), _PAD_VALUES.get(f.name, 0))
         out[:R, :T] = value
         changes[f.name] = out
     return dataclasses.replace(batch, **changes)
