@@ -334,7 +334,7 @@ def test_lora_under_tp2_equals_single_process_for_3_steps(lora_runs):
     model, ids, labels = _tp_inputs()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     losses, state = _tp_steps(model, ids, labels)
-    results = torch.load(lora_runs / "tp.pt")
+    results = torch.load(lora_runs / "tp.pt", weights_only=True)
     for sp, (tp_losses, tp_state, placements) in results.items():
         assert placements == {"q_B": (Shard(0),), "o_A": (Shard(1),)}
         assert tp_losses == pytest.approx(losses, abs=1e-5), sp

@@ -281,8 +281,8 @@ def lora_tp_plan(module: nn.Module, plan: dict) -> dict:
         out[f"{name}.base"] = style
         if isinstance(style, ColwiseParallel):
             if style.input_layouts[0] != Replicate():
-                raise NotImplementedError(f"LoRA on {name}: column-parallel base with input layout "
-                                          f"{style.input_layouts[0]} (expected Replicate)")
+                raise ValueError(f"LoRA on {name}: column-parallel base with input layout "
+                                  f"{style.input_layouts[0]} (expected Replicate)")
             out[f"{name}.lora_A"] = PrepareModuleInput(input_layouts=(Replicate(),),
                                                        desired_input_layouts=(Replicate(),), use_local_output=True)
             out[f"{name}.lora_B"] = ColwiseParallel(output_layouts=style.output_layouts[0],
@@ -295,7 +295,7 @@ def lora_tp_plan(module: nn.Module, plan: dict) -> dict:
                 out[f"{name}.lora_B"] = SequenceParallel(sequence_dim=style.output_layouts[0].dim,
                                                          use_local_output=True)
         else:
-            raise NotImplementedError(f"LoRA on {name}: no tensor-parallel rule for {type(style).__name__}")
+            raise ValueError(f"LoRA on {name}: no tensor-parallel rule for {type(style).__name__}")
     return out
 
 
