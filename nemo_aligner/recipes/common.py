@@ -2,6 +2,7 @@
 precision, optimiser, logger. Each is a small function so recipes stay a readable list of steps."""
 
 import contextlib
+from dataclasses import dataclass
 import hashlib
 import json
 import logging
@@ -83,6 +84,33 @@ def model_identity(model, model_cfg, restore_from_path) -> str:
 
 def cache_key(*parts) -> str:
     return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()[:24]
+
+
+@dataclass
+class RunStart:
+    """What every recipe sets up first, in the same order."""
+
+    restore: str | None
+    log_dir: Path
+    device: torch.device
+    autocast: object
+    tokenizer: Tokenizer
+
+
+def start_run(cfg) -> RunStart:
+    """Checkpoint path, output folder, device, precision context and tokenizer from a run config."""
+    restore = cfg.pretrained_checkpoint.restore_from_path
+    log_dir = log_dir_from(cfg.exp_manager)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.trainer.accelerator)
+    return RunStart(restore, log_dir, device, autocast_for(cfg.trainer.precision, device),
+                    load_tokenizer(cfg.model, restore))
+
+
+def log_reports(datasets: dict):
+    for name, ds in datasets.items():
+        if ds is not None:
+            log.info(ds.report.summary(name))
 
 
 def pick_device(accelerator: str) -> torch.device:

@@ -25,7 +25,7 @@ from nemo_aligner.models.lora import adapters_disabled
 from nemo_aligner.parallel.mesh import init_parallel
 from nemo_aligner.parallel.run import ParallelRun, all_ranks_have, stage_pruner
 from nemo_aligner.recipes.common import (
-    autocast_for, build_model, cache_key, load_tokenizer, log_dir_from, model_identity, pick_device, setup_logging,
+    build_model, cache_key, log_reports, model_identity, setup_logging, start_run,
 )
 from nemo_aligner.training.checkpoint import Checkpointer
 from nemo_aligner.training.logging import MetricsLogger, ProgressBar
@@ -173,16 +173,11 @@ def run_dpo(cfg: DPORunConfig) -> dict:
     parallel = init_parallel(cfg.trainer, cfg.model)  # validates the layout; joins the process group if launched
     if not parallel.is_rank_zero:
         log.setLevel(logging.WARNING)
-    restore = cfg.pretrained_checkpoint.restore_from_path
-    log_dir = log_dir_from(cfg.exp_manager)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.trainer.accelerator)
-    autocast = autocast_for(cfg.trainer.precision, device)
-    tokenizer = load_tokenizer(cfg.model, restore)
+    start = start_run(cfg)
+    restore, log_dir, device, autocast, tokenizer = (start.restore, start.log_dir, start.device, start.autocast,
+                                                     start.tokenizer)
     train_ds, val_ds = load_datasets(cfg, tokenizer)
-    for name, ds in (("train", train_ds), ("validation", val_ds)):
-        if ds is not None:
-            log.info(ds.report.summary(name))
+    log_reports({"train": train_ds, "validation": val_ds})
     model = build_model(cfg.model, restore, tokenizer, device, prune=stage_pruner(parallel))
     setup_peft(model, cfg.model.peft)  # model.peft.peft_scheme=lora: adapters added, base frozen
     parallel.dims.check_model(model.config)

@@ -18,7 +18,7 @@ from nemo_aligner.data.sft import SFTDataset, SFTKeys, SFTTokenizeSettings
 from nemo_aligner.data.sft_collate import pack_dataset
 from nemo_aligner.models.hf.peft import export_hf, setup_peft
 from nemo_aligner.recipes.common import (
-    autocast_for, build_model, load_tokenizer, log_dir_from, pick_device, setup_logging,
+    build_model, log_reports, setup_logging, start_run,
 )
 from nemo_aligner.recipes.dpo import data_files
 from nemo_aligner.training.checkpoint import Checkpointer
@@ -77,16 +77,11 @@ def check_single_process(cfg: SFTRunConfig):
 def run_sft(cfg: SFTRunConfig) -> dict:
     setup_logging()
     check_single_process(cfg)
-    restore = cfg.pretrained_checkpoint.restore_from_path
-    log_dir = log_dir_from(cfg.exp_manager)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.trainer.accelerator)
-    autocast = autocast_for(cfg.trainer.precision, device)
-    tokenizer = load_tokenizer(cfg.model, restore)
+    start = start_run(cfg)
+    restore, log_dir, device, autocast, tokenizer = (start.restore, start.log_dir, start.device, start.autocast,
+                                                     start.tokenizer)
     train_ds, val_ds = load_sft_datasets(cfg, tokenizer)
-    for name, ds in (("train", train_ds), ("validation", val_ds)):
-        if ds is not None:
-            log.info(ds.report.summary(name))
+    log_reports({"train": train_ds, "validation": val_ds})
     train, val = layout(cfg, train_ds, "train"), layout(cfg, val_ds, "validation")
     model = build_model(cfg.model, restore, tokenizer, device)
     setup_peft(model, cfg.model.peft)  # model.peft.peft_scheme=lora: adapters added, base frozen
