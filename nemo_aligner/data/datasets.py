@@ -31,10 +31,16 @@ class DatasetReport:
     def summary(self, name: str) -> str:
         text = (f"{name}: {self.num_pairs} pairs from {self.num_rows} rows in {len(self.files)} file(s); "
                 f"truncated {self.num_truncated}, dropped {self.num_dropped} over-length")
-        for what, sources in (("truncated", self.truncated_sources), ("dropped", self.dropped_sources)):
-            if sources:
-                text += f"\n  {what}: {', '.join(sources)}{' ...' if len(sources) == 5 else ''}"
-        return text
+        return text + affected_rows_text(self.truncated_sources, self.dropped_sources)
+
+
+def affected_rows_text(truncated_sources: list[str], dropped_sources: list[str]) -> str:
+    """Start-up report lines naming the first few truncated / dropped rows (file:line)."""
+    text = ""
+    for what, sources in (("truncated", truncated_sources), ("dropped", dropped_sources)):
+        if sources:
+            text += f"\n  {what}: {', '.join(sources)}{' ...' if len(sources) == 5 else ''}"
+    return text
 
 
 class PreferenceDataset:
@@ -75,11 +81,11 @@ class PreferenceDataset:
                 pair = tokenize_example(example, tokenizer, settings)
                 if pair is None:
                     report.num_dropped += 1
-                    _note(report.dropped_sources, example.source)
+                    note_source(report.dropped_sources, example.source)
                     continue
                 if pair.truncated:
                     report.num_truncated += 1
-                    _note(report.truncated_sources, example.source)
+                    note_source(report.truncated_sources, example.source)
                 pairs.append(pair)
                 source_rows.append(report.num_rows - 1)
         report.num_pairs = len(pairs)
@@ -91,7 +97,7 @@ class PreferenceDataset:
         return dataset
 
 
-def _note(sources: list, source: str, limit: int = 5):
+def note_source(sources: list, source: str, limit: int = 5):
     if len(sources) < limit:
         sources.append(source)
 

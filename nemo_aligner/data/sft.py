@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from nemo_aligner.data.chat_templates import render_with_assistant_spans
+from nemo_aligner.data.datasets import affected_rows_text, note_source
 from nemo_aligner.data.formats import DataError, read_rows
 
 ROLES = ("system", "user", "assistant")
@@ -290,10 +291,7 @@ class SFTReport:
         text = (f"{name}: {self.num_examples} examples from {self.num_rows} rows in {len(self.files)} file(s) "
                 f"({shapes}); {self.num_tokens:,} tokens, {self.num_labels:,} labelled; "
                 f"truncated {self.num_truncated}, dropped {self.num_dropped} over-length")
-        for what, sources in (("truncated", self.truncated_sources), ("dropped", self.dropped_sources)):
-            if sources:
-                text += f"\n  {what}: {', '.join(sources)}{' ...' if len(sources) == 5 else ''}"
-        return text
+        return text + affected_rows_text(self.truncated_sources, self.dropped_sources)
 
 
 class SFTDataset:
@@ -325,11 +323,11 @@ class SFTDataset:
                 tokenized = tokenize_sft(example, tokenizer, settings)
                 if tokenized is None:
                     report.num_dropped += 1
-                    _note(report.dropped_sources, example.source)
+                    note_source(report.dropped_sources, example.source)
                     continue
                 if tokenized.truncated:
                     report.num_truncated += 1
-                    _note(report.truncated_sources, example.source)
+                    note_source(report.truncated_sources, example.source)
                 report.num_tokens += len(tokenized)
                 report.num_labels += tokenized.num_labels
                 examples.append(tokenized)
@@ -339,6 +337,3 @@ class SFTDataset:
         return cls(examples, report)
 
 
-def _note(sources: list, source: str, limit: int = 5):
-    if len(sources) < limit:
-        sources.append(source)
