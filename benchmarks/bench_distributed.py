@@ -59,37 +59,32 @@ def worker(rank, world, tp, pp, args, data_dir, port, out_file):
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
     from nemo_aligner.algorithms.dpo import DPOAlgorithm, DPOSettings
-    from nemo_aligner.parallel.mesh import init_parallel
     from nemo_aligner.parallel.run import ParallelRun
-    from nemo_aligner.recipes.common import autocast_for, build_model, load_tokenizer
-    from nemo_aligner.recipes.dpo import load_datasets, make_train_data, prepare_reference
-    from nemo_aligner.training.loop import Trainer
+    from nemo_aligner.recipes.dpo import load_layouts, setup_reference
+    from nemo_aligner.recipes.skeleton import build_policy, start_run
+    from nemo_aligner.training.loop import Trainer, TrainingPlan
     from nemo_aligner.training.optim import build_optimizer, build_scheduler
-    from tests.dpo_helpers import dpo_config
+    from tests.helpers import dpo_config
 
-    cfg = dpo_config(Path(data_dir) / f"run_{world}_{tp}_{pp}", *overrides(args, world, tp, pp, Path(data_dir)))
-    parallel = init_parallel(cfg.trainer, cfg.model)
-    autocast = autocast_for(cfg.trainer.precision, parallel.device)
-    tokenizer = load_tokenizer(cfg.model, None)
-    train_ds, _ = load_datasets(cfg, tokenizer)
+    cfg = dpo_config(Path(data_dir) / f"run_{world}_{tp}_{pp}", *overrides(args, world, tp, pp, Path(data_dir)),
+                     f"model.dpo.ref_cache_dir={Path(data_dir) / 'cache'}")
+    start = start_run(cfg)  # the launch, its layout, tokenizer: as every recipe starts
+    train, _ = load_layouts(cfg, start.tokenizer)
     rss_before_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    model = build_model(cfg.model, None, tokenizer, parallel.device)
-    settings = DPOSettings.from_config(cfg.model.dpo)
-    train = make_train_data(cfg, train_ds)
-    run = ParallelRun(parallel, model, chunk_size=settings.chunk_size, autocast=autocast, datasets=(train,),
-                      online_reference=False) if parallel.distributed else None
-    prepare_reference(cfg, model, settings, {"train": train}, autocast, Path(data_dir) / "cache", None,
-                      tokenizer.pad_id, parallel_run=run)
-    algorithm = DPOAlgorithm(run.policy if run else model, settings, tokenizer.pad_id, autocast=autocast)
-    if run:
-        run.attach(algorithm)
+    model = build_policy(start)
+    algorithm = DPOAlgorithm(DPOSettings.from_config(cfg.model.dpo), start.tokenizer.pad_id)
+    run = ParallelRun(start.parallel, model, algorithm.head(), autocast=start.autocast,
+                      max_row_tokens=train.max_row_tokens())
+    setup_reference(cfg, start, run, algorithm, None, {"train": train})  # precomputed, as the recipe's default
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.98))
-    trainer = Trainer(model=model, algorithm=algorithm, optimizer=optimizer, scheduler=None, train_data=train,
-                      val_data=None, loop=cfg.trainer.dpo, global_batch_size=cfg.model.global_batch_size,
-                      micro_batch_size=cfg.model.micro_batch_size, seed=0, logger=None, device=parallel.device,
-                      **(run.trainer_kwargs() if run else {}))
-    trainer.scheduler = build_scheduler(optimizer, name="constant", max_steps=100, warmup_steps=0,
-                                        constant_steps=0, min_lr=0.0)
+    plan = TrainingPlan.from_config(cfg.trainer.dpo, num_items=len(train.items),
+                                    global_batch_size=cfg.model.global_batch_size,
+                                    micro_batch_size=cfg.model.micro_batch_size, dp_size=run.dp.size, seed=0,
+                                    shuffle=True)
+    scheduler = build_scheduler(optimizer, name="constant", max_steps=100, warmup_steps=0, constant_steps=0,
+                                min_lr=0.0)
+    trainer = Trainer(model=model, algorithm=algorithm, optimizer=optimizer, scheduler=scheduler, run=run,
+                      train_data=train, val_data=None, loop=cfg.trainer.dpo, plan=plan, logger=None)
     times = []
     for step in range(args.warmup + args.steps):
         items = [train.items[i] for i in trainer.sampler.global_batch(*divmod(step, trainer.sampler.steps_per_epoch))]

@@ -42,13 +42,18 @@ import time
 import numpy as np
 import torch
 
-from nemo_aligner.algorithms.dpo import AdapterReference, DPOAlgorithm, DPOSettings, precompute_reference
-from nemo_aligner.config.schema import DPOConfig, LoraConfig
-from nemo_aligner.data.datasets import DatasetReport, PreferenceDataset
-from nemo_aligner.data.packed_file import pack_dataset, pack_summary
-from nemo_aligner.data.tokenize import TokenizedPair
+from nemo_aligner.algorithms.dpo import DPOAlgorithm, DPOSettings
+from nemo_aligner.algorithms.reference import ModelReference, precompute_reference
+from nemo_aligner.config.dpo import DPOConfig
+from nemo_aligner.config.sections import LoraConfig
+from nemo_aligner.data.layout import DataLayout, pack_examples, pack_summary
+from nemo_aligner.data.preference.dataset import PreferenceDataset
+from nemo_aligner.data.preference.tokenize import TokenizedPair
+from nemo_aligner.data.report import RowReport
 from nemo_aligner.models.gpt import GPTConfig, GPTModel
 from nemo_aligner.models.lora import apply_lora
+from nemo_aligner.parallel.mesh import Parallel
+from nemo_aligner.parallel.run import ParallelRun
 
 
 def synthetic_pairs(n: int, seq_length: int, mean_length: float, sigma: float, vocab: int, seed: int):
@@ -63,7 +68,7 @@ def synthetic_pairs(n: int, seq_length: int, mean_length: float, sigma: float, v
     pairs = [TokenizedPair(rng.integers(3, vocab, p, dtype=np.int32), rng.integers(3, vocab, c, dtype=np.int32),
                            rng.integers(3, vocab, r, dtype=np.int32), None, None)
              for p, (c, r) in zip(prompts, responses)]
-    dataset = PreferenceDataset(pairs, DatasetReport(files=["synthetic"], num_rows=n, num_pairs=n))
+    dataset = PreferenceDataset(pairs, RowReport(files=["synthetic"], unit="pairs", num_rows=n, num_examples=n))
     return dataset  # reference log-probs: precomputed with the initial model in train()
 
 
@@ -76,7 +81,7 @@ def llama_shaped(args) -> GPTModel:
 
 
 def micro_batches(dataset, args, packed: bool) -> list:
-    items = (pack_dataset(dataset, 2 * args.seq_length, "best_fit_decreasing", args.seed) if packed
+    items = (pack_examples(dataset, 2 * args.seq_length, "best_fit_decreasing", args.seed) if packed
              else list(range(len(dataset))))
     order = np.random.default_rng(args.seed).permutation(len(items))
     mbs = args.micro_batch_size
@@ -89,27 +94,28 @@ def train(args, packed: bool, variant: str = "full") -> dict:
     device = torch.device(args.device)
     dataset = synthetic_pairs(args.n, args.seq_length, args.mean_length, args.sigma, args.vocab, args.seed)
     model = llama_shaped(args).to(device)
-    reference = None
     if variant != "full":
         apply_lora(model, LoraConfig(target_modules=["all"], adapter_dim=args.lora_rank))
-    if variant == "lora_adapter":
-        reference, dataset.ref_chosen, dataset.ref_rejected = AdapterReference(model), None, None
     settings = DPOSettings.from_config(DPOConfig(ref_policy_kl_penalty=0.1, logprob_chunk_size=1024))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    if reference is None:
+    algorithm = DPOAlgorithm(settings, pad_id=0)
+    run = ParallelRun(Parallel(device=device), model, algorithm.head(), autocast=autocast)  # one process
+    run.executor.algorithm = algorithm
+    if variant == "lora_adapter":
+        algorithm.reference = ModelReference(run.policy, frozen_copy=False)
+    else:
         # The initial model's log-probs, as ref_mode=precompute computes them. The synthetic ones are far
         # from the policy's: the sigmoid saturates and backward runs on denormal floats, several times
         # slower on CPU, which would make the reference values, not LoRA or the layout, decide a comparison.
-        precompute_reference(model, dataset, micro_batches(dataset, args, packed), 0, 1024, autocast, packed=packed)
-    algorithm = DPOAlgorithm(model, settings, pad_id=0, reference=reference, autocast=autocast)
+        items = micro_batches(dataset, args, packed)
+        precompute_reference(run, DataLayout(dataset, [i for m in items for i in m], packed), algorithm.make_batch,
+                             args.micro_batch_size)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     batches = [algorithm.make_batch(dataset, m, packed).to(device) for m in micro_batches(dataset, args, packed)]
     steps = [batches[k:k + args.accumulation] for k in range(0, len(batches), args.accumulation)]
 
     def step(group):
-        num_pairs = sum(b.num_pairs for b in group)
-        for batch in group:
-            algorithm.loss(batch, num_pairs)[0].backward()
+        run.executor.forward_backward(group, sum(b.num_pairs for b in group))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -135,7 +141,7 @@ def train(args, packed: bool, variant: str = "full") -> dict:
               "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if packed:
         packs = [p for b in micro_batches(dataset, args, True) for p in b]
-        result["pairs_per_pack"] = pack_summary(dataset, packs, 2 * args.seq_length)["avg_pairs_per_pack"]
+        result["pairs_per_pack"] = pack_summary(dataset, packs, 2 * args.seq_length)["avg_examples_per_pack"]
     return result
 
 

@@ -7,9 +7,10 @@ MFU, peak memory and the time split forward / backward / optimiser / reference p
 
 The model is built from config (Llama-3.2-1B's shape, random weights, nothing downloaded) and trained
 with the project's own pieces: GPTModel, the SFT and DPO algorithms (chunked fp32 log-probs, preference
-loss), OnlineReference for DPO's reference pass, build_optimizer (fused AdamW on CUDA), bf16-mixed
-autocast with fp32 master weights (recipes.common.autocast_for), collate_packed / collate_sft_packed on
-synthetic token data packed by data.packing.pack. Each run also has a padded-batch twin: the same
+loss) run on the model ending in their heads (models.heads.ModelWithHead), a frozen reference copy for
+DPO's reference pass (as ref_mode=online), build_optimizer (fused AdamW on CUDA), bf16-mixed autocast
+with fp32 master weights (recipes.skeleton.autocast_for), collate_pairs / collate_sft on synthetic
+token data packed by data.packing.pack. Each run also has a padded-batch twin: the same
 sequences per step, one per row, right-padded.
 
 FLOPs are model FLOPs (useful work only; activation-checkpoint recompute, the chunked log-probs'
@@ -30,6 +31,7 @@ over the timed steps of each run.
 """
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -44,19 +46,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from nemo_aligner.algorithms.dpo import DPOAlgorithm, DPOSettings, OnlineReference  # noqa: E402
+from nemo_aligner.algorithms.dpo import DPOAlgorithm, DPOSettings, reference_pair_sums  # noqa: E402
 from nemo_aligner.algorithms.sft import SFTAlgorithm, SFTSettings  # noqa: E402
-from nemo_aligner.config.schema import DPOConfig  # noqa: E402
-from nemo_aligner.data.collate import collate_packed, collate_padded  # noqa: E402
-from nemo_aligner.data.datasets import DatasetReport, PreferenceDataset  # noqa: E402
+from nemo_aligner.config.dpo import DPOConfig  # noqa: E402
 from nemo_aligner.data.packing import pack  # noqa: E402
-from nemo_aligner.data.sft import SFTDataset, SFTReport, TokenizedSFT  # noqa: E402
-from nemo_aligner.data.sft_collate import collate_sft_packed, collate_sft_padded  # noqa: E402
-from nemo_aligner.data.tokenize import TokenizedPair  # noqa: E402
+from nemo_aligner.data.preference.collate import collate_pairs  # noqa: E402
+from nemo_aligner.data.preference.dataset import PreferenceDataset  # noqa: E402
+from nemo_aligner.data.preference.tokenize import TokenizedPair  # noqa: E402
+from nemo_aligner.data.report import RowReport  # noqa: E402
+from nemo_aligner.data.sft.collate import collate_sft  # noqa: E402
+from nemo_aligner.data.sft.dataset import SFTDataset  # noqa: E402
+from nemo_aligner.data.sft.tokenize import TokenizedSFT  # noqa: E402
 from nemo_aligner.models.compile import compile_blocks  # noqa: E402
 from nemo_aligner.models.gpt import GPTConfig, GPTModel  # noqa: E402
+from nemo_aligner.models.heads import ModelWithHead  # noqa: E402
 from nemo_aligner.models.layers.attention import build_attention_context  # noqa: E402
-from nemo_aligner.recipes.common import autocast_for  # noqa: E402
+from nemo_aligner.recipes.skeleton import autocast_for  # noqa: E402
 from nemo_aligner.training.optim import build_optimizer  # noqa: E402
 
 NO_CUDA = ("bench_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False). "
@@ -128,7 +133,7 @@ def sft_data(rng, pack_size: int, num_packs: int, vocab: int):
         mask = np.zeros(length, dtype=bool)
         mask[rng.integers(1, max(2, length // 2)):] = True
         examples.append(TokenizedSFT(rng.integers(1, vocab, length).astype(np.int32), mask))
-    dataset = SFTDataset(examples, SFTReport(files=[]))
+    dataset = SFTDataset(examples, RowReport(files=[]))
     return dataset, _fullest(pack(lengths, pack_size, "best_fit_decreasing"), lengths, num_packs)
 
 
@@ -138,8 +143,8 @@ def dpo_data(rng, pack_size: int, num_packs: int, vocab: int):
     n = int(2.0 * num_packs * pack_size / (4 * (lo + hi) / 2)) + 8
     ids = lambda: rng.integers(1, vocab, rng.integers(lo, hi)).astype(np.int32)  # noqa: E731
     pairs = [TokenizedPair(ids(), ids(), ids(), None, None) for _ in range(n)]
-    dataset = PreferenceDataset(pairs, DatasetReport(files=[]))
-    lengths = dataset.pair_lengths()
+    dataset = PreferenceDataset(pairs, RowReport(files=[], unit="pairs"))
+    lengths = dataset.pack_lengths()
     return dataset, _fullest(pack(lengths, pack_size, "best_fit_decreasing"), lengths, num_packs)
 
 
@@ -210,16 +215,19 @@ class Bench:
         with device:  # initialise on the device: a 1B model's init on the host takes long
             self.model = GPTModel(GPTConfig(**MODELS[args.model]))
         self.model.config.activations_checkpointing = args.activation_checkpointing
-        self.reference = OnlineReference(self.model)  # frozen copy made before any step
+        reference = copy.deepcopy(self.model).requires_grad_(False).eval()  # frozen copy made before any step
         if args.compile:
             compile_blocks(self.model, backend=args.compile_backend)
-            compile_blocks(self.reference.model, backend=args.compile_backend)
+            compile_blocks(reference, backend=args.compile_backend)
         self.optimizer = build_optimizer(self.model, lr=1e-6, weight_decay=0.1, betas=(0.9, 0.98))
         self.n_blocks = block_linear_weights(self.model)
         self.peak = peak_tflops(device, args.peak_tflops)
-        self.sft = SFTAlgorithm(self.model, SFTSettings("tokens", CHUNK_SIZE), PAD_ID, autocast=self.autocast)
+        self.sft = SFTAlgorithm(SFTSettings("tokens", CHUNK_SIZE), PAD_ID)
         settings = DPOSettings.from_config(DPOConfig(ref_policy_kl_penalty=0.1, logprob_chunk_size=CHUNK_SIZE))
-        self.dpo = DPOAlgorithm(self.model, settings, PAD_ID, reference=None, autocast=self.autocast)
+        self.dpo = DPOAlgorithm(settings, PAD_ID)
+        # what the executors run: the model ending in each algorithm's head
+        self.modules = {"sft": ModelWithHead(self.model, self.sft.head()), "dpo": ModelWithHead(self.model, self.dpo.head()),
+                        "reference": ModelWithHead(reference, self.dpo.head())}
 
     def attention_path(self) -> str:
         segs = torch.zeros(1, 8, dtype=torch.long, device=self.device)
@@ -276,14 +284,19 @@ class Bench:
     def _step(self, algo: str, batch) -> np.ndarray:
         timer = PhaseTimer(self.device)
         timer.mark()
-        if algo == "dpo":  # the reference pass of online mode, as DPOAlgorithm.prepare_batches runs it
-            with self.autocast:
-                batch.ref_chosen, batch.ref_rejected = self.reference(batch, CHUNK_SIZE)
+        if algo == "dpo":  # the reference pass of online mode, as DPOAlgorithm.prepare runs it
+            with torch.no_grad(), self.autocast:
+                ref = reference_pair_sums(batch, _run(self.modules["reference"], batch))
+            batch.ref_chosen, batch.ref_rejected = ref[:, 0], ref[:, 1]
             timer.mark()
-            loss, _ = self.dpo.loss(batch, batch.num_pairs)
+            with self.autocast:
+                outputs = _run(self.modules["dpo"], batch)
+            loss, _ = self.dpo.loss(batch, outputs, batch.num_pairs)
         else:
             timer.mark()
-            loss, _ = self.sft.loss(batch, self.sft.num_units(batch))
+            with self.autocast:
+                outputs = _run(self.modules["sft"], batch)
+            loss, _ = self.sft.loss(batch, outputs, self.sft.num_units(batch))
         timer.mark()
         loss.backward()
         timer.mark()
@@ -294,20 +307,22 @@ class Bench:
         return np.array(timer.durations_ms())
 
 
+def _run(module, batch):
+    return module(batch.input_ids, labels=batch.labels, segment_ids=batch.segment_ids)
+
+
 def build_runs(args, vocab: int):
     """(name, algorithm, [(batch, work)]) for every run: packed at each pack size, padded twin at the first."""
     rng = np.random.default_rng(0)
     num_batches = min(args.steps + args.warmup, 8)  # distinct micro-batches, cycled
     runs = []
-    for algo, make, collate_p, collate_d, work in (
-            ("sft", sft_data, collate_sft_packed, collate_sft_padded, sft_work),
-            ("dpo", dpo_data, collate_packed, collate_padded, dpo_work)):
+    for algo, make, collate, work in (("sft", sft_data, collate_sft, sft_work), ("dpo", dpo_data, collate_pairs, dpo_work)):
         for k, pack_size in enumerate(args.pack_sizes):
             dataset, packs = make(rng, pack_size, num_batches, vocab)
-            packed = [collate_p(dataset, [p], PAD_ID) for p in packs]
+            packed = [collate(dataset, [p], PAD_ID, True) for p in packs]
             runs.append((f"{algo} packed {pack_size}", algo, [(b, work(dataset, p, b)) for b, p in zip(packed, packs)]))
             if k == 0 and not args.no_padded:
-                padded = [collate_d(dataset, p, PAD_ID) for p in packs]
+                padded = [collate(dataset, p, PAD_ID, False) for p in packs]
                 runs.append((f"{algo} padded (same seqs)", algo,
                              [(b, work(dataset, p, b)) for b, p in zip(padded, packs)]))
     return runs

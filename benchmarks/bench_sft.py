@@ -21,9 +21,12 @@ import numpy as np
 import torch
 
 from nemo_aligner.algorithms.sft import SFTAlgorithm, SFTSettings
-from nemo_aligner.data.sft import SFTDataset, SFTReport, TokenizedSFT
-from nemo_aligner.data.sft_collate import pack_dataset
+from nemo_aligner.data.layout import pack_examples
+from nemo_aligner.data.report import RowReport
+from nemo_aligner.data.sft.dataset import SFTDataset
+from nemo_aligner.data.sft.tokenize import TokenizedSFT
 from nemo_aligner.models.gpt import GPTConfig, GPTModel
+from nemo_aligner.models.heads import ModelWithHead
 
 
 def synthetic_dataset(n: int, seq_length: int, mean_length: float, sigma: float, vocab: int, seed: int):
@@ -35,7 +38,7 @@ def synthetic_dataset(n: int, seq_length: int, mean_length: float, sigma: float,
         mask = np.zeros(length, dtype=bool)
         mask[length // 4:] = True
         examples.append(TokenizedSFT(rng.integers(3, vocab, length).astype(np.int32), mask))
-    return SFTDataset(examples, SFTReport(files=["synthetic"], num_examples=n))
+    return SFTDataset(examples, RowReport(files=["synthetic"], num_examples=n))
 
 
 def llama_shaped(vocab: int, seq_length: int, seed: int = 0) -> GPTModel:
@@ -50,7 +53,8 @@ class Run:
 
     def __init__(self, dataset, items, packed: bool, args):
         self.model = llama_shaped(args.vocab, args.seq_length)
-        self.algorithm = SFTAlgorithm(self.model, SFTSettings("tokens", chunk_size=1024), pad_id=0)
+        self.algorithm = SFTAlgorithm(SFTSettings("tokens", chunk_size=1024), pad_id=0)
+        self.module = ModelWithHead(self.model, self.algorithm.head())
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         order = np.random.default_rng(args.seed).permutation(len(items))
         micro = [[items[i] for i in order[k:k + args.micro_batch_size]]
@@ -61,7 +65,8 @@ class Run:
     def step(self, timed: bool = True):
         batch = self.batches[self.done % len(self.batches)]
         start = time.perf_counter()
-        loss, _ = self.algorithm.loss(batch, self.algorithm.num_units(batch))
+        outputs = self.module(batch.input_ids, labels=batch.labels, segment_ids=batch.segment_ids)
+        loss, _ = self.algorithm.loss(batch, outputs, self.algorithm.num_units(batch))
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -99,13 +104,13 @@ def main():
     torch.set_num_threads(args.threads)
 
     dataset = synthetic_dataset(args.n, args.seq_length, args.mean_length, args.sigma, args.vocab, args.seed)
-    lengths = dataset.lengths()
+    lengths = dataset.pack_lengths()
     print(f"{args.n} examples, lengths mean {lengths.mean():.0f} median {np.median(lengths):.0f} "
           f"p95 {np.percentile(lengths, 95):.0f} max {lengths.max()}; seq_length {args.seq_length}; "
           f"model {llama_shaped(args.vocab, args.seq_length).num_parameters():,} params (llama-shaped: 4 layers, "
           f"hidden 256, GQA 8/2, SwiGLU, RoPE); micro-batch {args.micro_batch_size} rows; "
           f"{args.threads} thread(s)")
-    packs = pack_dataset(dataset, args.seq_length, "best_fit_decreasing")
+    packs = pack_examples(dataset, args.seq_length, "best_fit_decreasing", seed=0)
     runs = {"padded": Run(dataset, list(range(len(dataset))), False, args), "packed": Run(dataset, packs, True, args)}
     run_interleaved(runs)
     print(f"\n{'layout':<8} {'rows':>6} {'micro-batches':>14} {'time (s)':>9} {'fill':>7} {'tokens/s':>10}")

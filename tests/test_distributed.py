@@ -1,10 +1,11 @@
-"""Distributed DPO on CPU (gloo): every layout trains exactly like one process.
+"""Distributed DPO and SFT on CPU (gloo): every layout trains exactly like one process.
 
 For tp2, pp2, dp2, tp2 x pp2 and dp2 x tp2 the recipe runs under 2 or 4 processes and must give the
 single-process run's losses and metrics for the first 3 steps (fp32: within 1e-5, relative for
 metrics that are sums of many log-probs), with precomputed and with online reference log-probs;
 a run resumed from its step-2 checkpoint must give the same step 3; and the exported Hugging Face
-model must equal the single-process export. Four worker processes are started once and run every
+model must equal the single-process export. SFT runs the same layouts (padded, and packed rows under
+pipeline parallel) through the same run object. Four worker processes are started once and run every
 layout in turn (a fresh process group per layout) to keep process start-up out of the budget.
 """
 
@@ -23,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from tests.dpo_helpers import DEMO_TRAIN, DEMO_VAL, dpo_config
+from tests.helpers import DEMO_TRAIN, DEMO_VAL, ROOT, dpo_config, sft_config
 
 # name -> (world size, overrides). Every layout keeps the single-process global batch (8 pairs).
 LAYOUTS = {
@@ -42,6 +43,8 @@ PACKED_LAYOUTS = ("pp2", "tp2_pp2")
 TIED_LAYOUTS = ("dp2_tp2",)
 # Other members of the loss family (a weighted list, two of them reference-free) under tp x pp.
 LOSS_LAYOUTS = ("tp2_pp2",)
+# SFT: every layout padded; packed rows (several conversations per row, restarting positions) under pp.
+SFT_PACKED_LAYOUTS = ("pp2", "tp2_pp2")
 STEPS = 3
 TIMING_KEYS = ("train/step_time", "train/tokens_per_sec")
 
@@ -57,6 +60,28 @@ def tiny_overrides(data_dir, world: int) -> list[str]:
         f"model.data.data_prefix.train=[{data_dir / 'train.jsonl'}]",
         f"model.data.data_prefix.validation=[{data_dir / 'val.jsonl'}]",
     ]
+
+
+def sft_overrides(data_dir, world: int, phase: str) -> list[str]:
+    out = [
+        "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_layers=2", "model.num_attention_heads=4",
+        "model.num_query_groups=2", "model.micro_batch_size=2", "model.global_batch_size=8",
+        f"trainer.devices={world}", f"trainer.sft.max_steps={STEPS}", "model.optim.sched.max_steps=10",
+        "trainer.sft.val_check_interval=3", "exp_manager.create_checkpoint_callback=false",
+        "exp_manager.progress_bar=false", "exp_manager.create_tensorboard_logger=false",
+        f"model.data.data_prefix.train=[{data_dir / 'sft_train.jsonl'}]",
+        f"model.data.data_prefix.validation=[{data_dir / 'sft_val.jsonl'}]",
+    ]
+    if phase == "sft_packed":
+        out += ["model.data.packing=true", "model.data.pack_size=192", "model.global_batch_size=4",
+                "model.micro_batch_size=1"]
+    return out
+
+
+def run_sft_phase(log_dir, data_dir, world, overrides, phase):
+    from nemo_aligner.recipes.sft import run_sft
+
+    return run_sft(sft_config(log_dir, *sft_overrides(data_dir, world, phase), *overrides))
 
 
 def phase_overrides(phase: str, layout: str | None = None) -> list[str]:
@@ -115,6 +140,9 @@ def _worker(rank: int, root: str, ports: dict):
             run(out / "tied", root / "data", world, overrides + phase_overrides("tied"))
         if name in LOSS_LAYOUTS:
             run(out / "losses", root / "data", world, overrides + phase_overrides("losses"))
+        run_sft_phase(out / "sft", root / "data", world, overrides, "sft")
+        if name in SFT_PACKED_LAYOUTS:
+            run_sft_phase(out / "sft_packed", root / "data", world, overrides, "sft_packed")
         dist.destroy_process_group()
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(key, None)
@@ -138,6 +166,9 @@ def runs(tmp_path_factory):
     (data / "train.jsonl").write_text("".join(DEMO_TRAIN.read_text().splitlines(keepends=True)[:32]))
     # 5 validation pairs: dp ranks get unequal micro-batch counts (2 and 1) and the last micro-batch is partial
     (data / "val.jsonl").write_text("".join(DEMO_VAL.read_text().splitlines(keepends=True)[:5]))
+    sft_demo = ROOT / "examples/demo/data"
+    (data / "sft_train.jsonl").write_text("".join((sft_demo / "sft_train.jsonl").read_text().splitlines(True)[:32]))
+    (data / "sft_val.jsonl").write_text("".join((sft_demo / "sft_val.jsonl").read_text().splitlines(True)[:5]))
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers: tiny matmuls only lose from intra-op threads
@@ -146,6 +177,8 @@ def runs(tmp_path_factory):
             patch.setattr("nemo_aligner.training.logging.plot_curves", lambda *args, **kwargs: None)
             for phase in ("precompute", "online", "packed", "tied", "losses"):
                 run(root / "single" / phase, data, 1, phase_overrides(phase))
+            for phase in ("sft", "sft_packed"):
+                run_sft_phase(root / "single" / phase, data, 1, [], phase)
     finally:
         torch.set_num_threads(threads)
     t1 = time.perf_counter()
@@ -205,6 +238,20 @@ def test_tied_embeddings_under_tensor_parallel_equal_single_process(runs, layout
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sft_metrics_equal_single_process(runs, layout):
+    want = read(runs / "single/sft/metrics.jsonl")
+    assert [r["step"] for r in want] == [1, 2, 3] and "val/loss" in want[-1] and want[0]["train/token_acc"] >= 0
+    assert_same_metrics(read(runs / layout / "sft/metrics.jsonl"), want, f"{layout} sft")
+
+
+@pytest.mark.parametrize("layout", SFT_PACKED_LAYOUTS)
+def test_sft_packed_rows_metrics_equal_single_process(runs, layout):
+    want = read(runs / "single/sft_packed/metrics.jsonl")
+    assert [r["step"] for r in want] == [1, 2, 3] and want[0]["data/examples_per_pack"] > 1
+    assert_same_metrics(read(runs / layout / "sft_packed/metrics.jsonl"), want, f"{layout} sft packed")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_resume_from_step_2_gives_the_same_step_3(runs, layout):
     resumed = read(runs / layout / "precompute/metrics.jsonl")
     straight = read(runs / layout / "straight.jsonl")
@@ -246,7 +293,7 @@ def tiny_model(**kwargs):
 
 
 def tiny_batch():
-    from nemo_aligner.data.collate import PreferenceBatch
+    from nemo_aligner.data.preference.collate import PreferenceBatch
 
     torch.manual_seed(1)
     input_ids = torch.randint(50, (4, 9))
@@ -255,32 +302,43 @@ def tiny_batch():
     seq_index = torch.where(labels != -100, torch.arange(4)[:, None].expand(4, 9), torch.full((4, 9), -1))
     return PreferenceBatch(input_ids=input_ids, labels=labels, seq_index=seq_index, segment_ids=None,
                            chosen_rewards=torch.ones(2), rejected_rewards=torch.zeros(2),
-                           pair_indices=torch.arange(2), num_real_tokens=36)
+                           example_indices=torch.arange(2), num_real_tokens=36)
 
 
-def test_token_logprob_model_matches_pair_logprobs():
-    from nemo_aligner.algorithms.dpo import pair_logprobs
-    from nemo_aligner.models.logprob_model import TokenLogProbModel
+def policy(model, chunk_size=1024):
+    from nemo_aligner.losses.logprobs import LogProbHead
+    from nemo_aligner.models.heads import ModelWithHead
+
+    return ModelWithHead(model, LogProbHead(chunk_size))
+
+
+def test_model_with_log_prob_head_gives_each_sequences_log_prob():
+    from nemo_aligner.algorithms.dpo import pair_sums
 
     model, batch = tiny_model(), tiny_batch()
-    want = pair_logprobs(model, batch, chunk_size=7)
-    got = pair_logprobs(TokenLogProbModel(model, chunk_size=7), batch, chunk_size=7)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    token_logps = policy(model, chunk_size=7)(batch.input_ids, labels=batch.labels)
+    chosen, rejected, len_c, len_r = pair_sums(batch, token_logps)
+    with torch.no_grad():  # independent reference: full logits, log-softmax, gather
+        logps = torch.log_softmax(model.logits(batch.input_ids).double(), -1)
+        per_row = [logps[r, 3:8].gather(-1, batch.input_ids[r, 4:9, None]).sum() for r in range(4)]
+    torch.testing.assert_close(torch.stack([chosen, rejected], 1).double(), torch.tensor(per_row).view(2, 2),
+                               rtol=0, atol=1e-5)
+    assert len_c.tolist() == len_r.tolist() == [5.0, 5.0]
 
 
 def test_pipeline_stages_chained_equal_the_whole_model():
     import copy
 
-    from nemo_aligner.models.logprob_model import TokenLogProbModel
+    from nemo_aligner.losses.logprobs import LogProbHead
+    from nemo_aligner.models.heads import ModelWithHead
     from nemo_aligner.parallel.mesh import ParallelDims
     from nemo_aligner.parallel.pipeline import prune_to_stage
 
     model, batch = tiny_model(), tiny_batch()
-    want = TokenLogProbModel(model)(batch.input_ids, labels=batch.labels)
+    want = policy(model)(batch.input_ids, labels=batch.labels)
     splits = ParallelDims(world_size=2, pp=2, layer_split=(1, 2)).stage_layers(3)
-    first = TokenLogProbModel(prune_to_stage(copy.deepcopy(model), splits[0], True, False), is_last=False)
-    last = TokenLogProbModel(prune_to_stage(copy.deepcopy(model), splits[1], False, True))
+    first = ModelWithHead(prune_to_stage(copy.deepcopy(model), splits[0], True, False), None)
+    last = ModelWithHead(prune_to_stage(copy.deepcopy(model), splits[1], False, True), LogProbHead())
     assert list(first.model.layers) == ["0"] and list(last.model.layers) == ["1", "2"]
     assert last.model.embedding is None and first.model.output_layer is None and first.model.final_norm is None
     positions = torch.arange(9).expand(4, 9)
@@ -289,21 +347,20 @@ def test_pipeline_stages_chained_equal_the_whole_model():
     torch.testing.assert_close(last(hidden, labels=batch.labels, position_ids=positions), want)
 
 
-def test_pad_batch_changes_no_real_log_prob():
-    from nemo_aligner.algorithms.dpo import pair_logprobs
-    from nemo_aligner.models.logprob_model import TokenLogProbModel
-    from nemo_aligner.training.executor import pad_batch
+def test_padding_a_batch_changes_no_real_log_prob():
+    from nemo_aligner.algorithms.dpo import pair_sums
 
-    model, batch = TokenLogProbModel(tiny_model()), tiny_batch()
-    padded = pad_batch(batch, 6, 16)
+    module, batch = policy(tiny_model()), tiny_batch()
+    padded = batch.padded(6, 16)
     assert padded.input_ids.shape == (6, 16) and int((padded.labels != -100).sum()) == 20
     assert (padded.seq_index[4:] == -1).all() and padded.num_pairs == 2
-    for g, w in zip(pair_logprobs(model, padded, 64), pair_logprobs(model, batch, 64)):
+    run = lambda b: pair_sums(b, module(b.input_ids, labels=b.labels, segment_ids=b.segment_ids))  # noqa: E731
+    for g, w in zip(run(padded), run(batch)):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-5)
     packed = dataclasses.replace(batch, segment_ids=torch.zeros(4, 9, dtype=torch.long))
     from nemo_aligner.models.gpt import positions_from_segments
 
-    segs = pad_batch(packed, 4, 12).segment_ids
+    segs = packed.padded(4, 12).segment_ids
     pad = segs[:, 9:]  # every padding token is a segment of its own, so its position is 0
     assert (pad >= 1).all() and pad.unique().numel() == pad.numel()
     assert (positions_from_segments(segs)[:, 9:] == 0).all()
@@ -319,7 +376,11 @@ def test_clip_grad_norm_matches_torch_for_plain_tensors():
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     for t, p in zip(twins, params):
         t.grad = p.grad.clone()
+    from nemo_aligner.parallel.fsdp import _sum_of_squares
+
+    squares = float(_sum_of_squares([p.grad for p in params]))  # the arithmetic of the sharded path
     want = float(torch.nn.utils.clip_grad_norm_(twins, 0.5))
+    assert math.sqrt(squares) == pytest.approx(want, rel=1e-6)
     assert clip_grad_norm_(params, 0.5) == pytest.approx(want, rel=1e-6)
     for t, p in zip(twins, params):
         torch.testing.assert_close(p.grad, t.grad)

@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nemo_aligner.data.collate import IGNORE_INDEX, collate_packed, collate_padded
-from nemo_aligner.data.datasets import PreferenceDataset
-from nemo_aligner.data.formats import DataError, KeyMap, read_preference_file
-from nemo_aligner.data.tokenize import TokenizeSettings
+from nemo_aligner.data.batch import IGNORE_INDEX
+from nemo_aligner.data.dataset import TokenizeSettings
+from nemo_aligner.data.preference.collate import collate_pairs
+from nemo_aligner.data.preference.dataset import PreferenceDataset
+from nemo_aligner.data.preference.rows import PreferenceColumns, read_preference_file
+from nemo_aligner.data.rows import DataError
 from nemo_aligner.data.tokenizer import Tokenizer
 from nemo_aligner.training.loop import GlobalBatchSampler
 
@@ -30,7 +32,7 @@ def _write(tmp_path, rows, name="d.jsonl"):
     return path
 
 
-def _dataset(tmp_path, tok, rows, keys=KeyMap(), **settings):
+def _dataset(tmp_path, tok, rows, keys=PreferenceColumns(), **settings):
     settings = TokenizeSettings(**{"seq_length": 64, "add_bos": False, **settings})
     return PreferenceDataset.from_files([_write(tmp_path, rows)], tok, settings, keys)
 
@@ -75,11 +77,11 @@ def test_trl_string_rows_and_rewards(tmp_path, tok):
 
 def test_roll_rows_with_custom_keys_and_input(tmp_path, tok):
     row = {"instruction": "Name the color", "input": "of the sky.", "good": "Blue", "bad": "Red"}
-    ds = _dataset(tmp_path, tok, [row], keys=KeyMap(prompt="instruction", chosen="good", rejected="bad"))
+    ds = _dataset(tmp_path, tok, [row], keys=PreferenceColumns(prompt="instruction", chosen="good", rejected="bad"))
     assert tok.decode(ds.pairs[0].prompt) == "Name the color\nof the sky."
     with pytest.raises(DataError, match=r"d\.jsonl:1: missing key 'good' \(set by model\.data\.chosen_key\)"):
         _dataset(tmp_path, tok, [{"instruction": "x", "chosen": "a", "rejected": "b"}],
-                 keys=KeyMap(chosen="good"))
+                 keys=PreferenceColumns(chosen="good"))
 
 
 def test_boundary_is_exact_where_the_tokenizer_would_merge(tmp_path, tok):
@@ -89,7 +91,7 @@ def test_boundary_is_exact_where_the_tokenizer_would_merge(tmp_path, tok):
     ds = _dataset(tmp_path, tok, [{"prompt": prompt, "chosen": response, "rejected": "ack."}], add_eos=False)
     pair = ds.pairs[0]
     assert pair.prompt.tolist() == tok.encode(prompt) and pair.chosen.tolist() == tok.encode(response)
-    batch = collate_padded(ds, [0], tok.pad_id)
+    batch = collate_pairs(ds, [0], tok.pad_id, packed=False)
     scored = batch.labels[0][batch.labels[0] != IGNORE_INDEX]
     assert scored.tolist() == tok.encode(response)  # exactly the response tokens are labelled
 
@@ -97,7 +99,7 @@ def test_boundary_is_exact_where_the_tokenizer_would_merge(tmp_path, tok):
 def test_padded_and_packed_layouts_label_the_same_tokens(tmp_path, tok):
     rows = [{"prompt": f"Q{i}: what color?", "chosen": " blue" * (i + 1), "rejected": " red"} for i in range(3)]
     ds = _dataset(tmp_path, tok, rows)
-    padded, packed = collate_padded(ds, [0, 1, 2], tok.pad_id), collate_packed(ds, [[0, 1], [2]], tok.pad_id)
+    padded, packed = collate_pairs(ds, [0, 1, 2], tok.pad_id, False), collate_pairs(ds, [[0, 1], [2]], tok.pad_id, True)
     for s in range(6):
         a = padded.labels[padded.seq_index == s]
         b = packed.labels[packed.seq_index == s]

@@ -12,7 +12,7 @@ import torch
 from nemo_aligner.config import ConfigError
 from nemo_aligner.models.hf import load_pretrained
 from nemo_aligner.recipes.dpo import run_dpo
-from tests.dpo_helpers import FAST, ROOT, comparable, dpo_config, read_metrics
+from tests.helpers import FAST, ROOT, comparable, dpo_config, read_metrics
 
 SCRIPT = ROOT / "examples/nlp/gpt/train_gpt_dpo.py"
 NEMO_DPO = ROOT / "tests/data/nemo_aligner_format/dummy-dpo.jsonl"

@@ -17,12 +17,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nemo_aligner.config.schema import ModelConfig
-from nemo_aligner.losses.logprobs import sequence_logprobs, token_logprobs
+from nemo_aligner.config.dpo import DPOModelConfig as ModelConfig
+from nemo_aligner.losses.logprobs import dense_token_logprobs, sequence_sums, token_logprobs
 from nemo_aligner.models.compile import compile_blocks, transformer_blocks
 from nemo_aligner.models.gpt import GPTConfig, GPTModel
 from nemo_aligner.models.layers import attention
-from nemo_aligner.recipes.common import autocast_for, build_model
+from nemo_aligner.recipes.skeleton import autocast_for, build_model
 from nemo_aligner.training.optim import build_optimizer
 
 V = 64
@@ -188,7 +188,8 @@ def _seq_logps(model, ids, segs):
     labels[:, -1] = -100
     seq_index = torch.where(labels == -100, -1, segs)
     seq_index = seq_index + torch.tensor([[0], [3]])  # distinct sequence ids across the two rows
-    return sequence_logprobs(hidden, model.output_weight, labels, seq_index.clamp(min=0), 6, chunk_size=5)
+    token_logps = dense_token_logprobs(hidden, model.output_weight, labels, chunk_size=5)
+    return sequence_sums(token_logps, labels, seq_index.clamp(min=0), 6)
 
 
 def test_bf16_mixed_keeps_fp32_master_weights_and_fp32_logprobs():

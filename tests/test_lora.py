@@ -12,7 +12,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from nemo_aligner.config import ConfigError
-from nemo_aligner.config.schema import LoraConfig
+from nemo_aligner.config.sections import LoraConfig
 from nemo_aligner.models.gpt import GPTConfig, GPTModel
 from nemo_aligner.models.hf import load_pretrained
 from nemo_aligner.models.hf.peft import load_adapters, save_adapters, save_merged
@@ -20,7 +20,7 @@ from nemo_aligner.models.lora import (
     LoRALinear, adapters_disabled, apply_lora, base_weights, is_adapter_key, resolve_target_modules,
 )
 from nemo_aligner.recipes.dpo import run_dpo
-from tests.dpo_helpers import DEMO_TRAIN, FAST, comparable, dpo_config, read_metrics
+from tests.helpers import DEMO_TRAIN, FAST, comparable, dpo_config, read_metrics
 
 LORA = ["model.peft.peft_scheme=lora", "model.peft.lora_tuning.target_modules=[all]",
         "model.peft.lora_tuning.adapter_dim=8", "exp_manager.create_tensorboard_logger=false"]
@@ -179,7 +179,7 @@ def test_lora_dpo_learns_with_the_base_frozen_and_exports_a_peft_folder(tmp_path
     assert not (run / "ref_logps").exists()  # adapter reference: nothing precomputed
 
     # the base is bit-exactly the initial one: hf_base (written from the trained model) == a fresh build
-    from nemo_aligner.recipes.common import build_model
+    from nemo_aligner.recipes.skeleton import build_model
 
     fresh = build_model(cfg.model, None, Tokenizer.from_path(run / "hf_base"), torch.device("cpu"))
     trained_base = load_pretrained(run / "hf_base")
@@ -245,9 +245,9 @@ def test_resume_with_adapters_continues_the_exact_trajectory(tmp_path):
 
 
 def test_sft_trains_only_adapters_and_exports_them(tmp_path):
-    from nemo_aligner.config.sft_schema import SFTRunConfig
+    from nemo_aligner.config import SFTRunConfig
     from nemo_aligner.recipes.sft import run_sft
-    from tests.dpo_helpers import ROOT
+    from tests.helpers import ROOT
 
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(open(ROOT / "examples/demo/data/sft_train.jsonl").readlines()[:16]))
@@ -268,11 +268,12 @@ def test_sft_trains_only_adapters_and_exports_them(tmp_path):
 # ----------------------------------------------------------------------------------------- tensor parallel
 def _tp_steps(model, ids, labels, tp_mesh=None, sequence_parallel=False, steps=3):
     """Losses of `steps` AdamW steps on the mean token NLL, and the full adapter tensors after them."""
-    from nemo_aligner.models.logprob_model import TokenLogProbModel
+    from nemo_aligner.losses.logprobs import LogProbHead
+    from nemo_aligner.models.heads import ModelWithHead
     from nemo_aligner.parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_context
     from nemo_aligner.training.optim import build_optimizer
 
-    module = TokenLogProbModel(model, chunk_size=16)
+    module = ModelWithHead(model, LogProbHead(chunk_size=16))
     if tp_mesh is not None:
         apply_tensor_parallel(module, tp_mesh, sequence_parallel)
     optimizer = build_optimizer(module, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.98))
@@ -398,7 +399,7 @@ def _lora_worker(rank: int, root: str, ports: dict):
 def lora_runs(tmp_path_factory):
     import torch.multiprocessing as mp
 
-    from tests.dpo_helpers import DEMO_VAL
+    from tests.helpers import DEMO_VAL
 
     root = tmp_path_factory.mktemp("lora_distributed")
     data = root / "data"

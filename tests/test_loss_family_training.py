@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from nemo_aligner.algorithms.dpo import DPOAlgorithm, DPOSettings
-from nemo_aligner.data.datasets import PreferenceDataset
-from nemo_aligner.data.tokenize import TokenizeSettings
+from nemo_aligner.data.dataset import TokenizeSettings
+from nemo_aligner.data.preference.dataset import PreferenceDataset
 from nemo_aligner.data.tokenizer import Tokenizer
 from nemo_aligner.losses.preference import LOSS_TYPES, REFERENCE_FREE_LOSSES
 from nemo_aligner.models.gpt import GPTConfig, GPTModel
+from tests.helpers import micro_batch_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRA = {"discopop": {"discopop_tau": 0.05}, "simpo": {"simpo_gamma": 0.3}, "orpo": {"orpo_lambda": 0.2}}
@@ -45,7 +46,7 @@ def _settings(loss_type):
 
 def _loss_and_grads(model, algo, batch, n):
     model.zero_grad(set_to_none=True)
-    loss, sums = algo.loss(batch, n)
+    loss, sums = micro_batch_loss(algo, model, batch, n)
     loss.backward()
     return loss.detach(), sums, [p.grad.clone() for p in model.parameters()]
 
@@ -53,7 +54,7 @@ def _loss_and_grads(model, algo, batch, n):
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_padded_and_packed_agree_for_every_loss(setup, loss_type):
     tok, ds, model = setup
-    algo = DPOAlgorithm(model, _settings(loss_type), tok.pad_id)
+    algo = DPOAlgorithm(_settings(loss_type), tok.pad_id)
     n = len(ds)
     padded = algo.make_batch(ds, list(range(n)), packed=False)
     packed = algo.make_batch(ds, [[0, 1, 2], [3, 4], [5]], packed=True)
@@ -70,9 +71,9 @@ def test_padded_and_packed_agree_for_every_loss(setup, loss_type):
 @pytest.mark.parametrize("loss_type", sorted(REFERENCE_FREE_LOSSES))
 def test_reference_free_losses_never_read_reference_logprobs(setup, loss_type):
     tok, ds, model = setup
-    algo = DPOAlgorithm(model, _settings(loss_type), tok.pad_id)
+    algo = DPOAlgorithm(_settings(loss_type), tok.pad_id)
     assert not algo.settings.needs_reference
     batch = algo.make_batch(ds, [0, 1], packed=False)
     batch.ref_chosen = batch.ref_rejected = None  # nothing to read: must not fail
-    loss, _ = algo.loss(batch, 2)
+    loss, _ = micro_batch_loss(algo, model, batch, 2)
     assert torch.isfinite(loss)

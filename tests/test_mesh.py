@@ -175,7 +175,7 @@ def test_tied_embeddings_with_pipeline_rejected_but_fine_with_tp():
 
 
 def test_schema_rejects_unknown_pipeline_schedule():
-    from nemo_aligner.config import ConfigError, load_config
+    from nemo_aligner.config import ConfigError, DPORunConfig, load_config
 
     with pytest.raises(ConfigError, match="model.pipeline_schedule"):
-        load_config({"model": {"pipeline_schedule": "interleaved"}})
+        load_config({"model": {"pipeline_schedule": "interleaved"}}, DPORunConfig)

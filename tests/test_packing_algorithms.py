@@ -90,7 +90,7 @@ def test_every_item_once_and_no_bin_over_capacity(algorithm, seed, n):
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize(
-    "lengths, capacity, expected_num_bins",
+    "lengths, capacity, expected_num_packs",
     [
         ([5], 8, 1),
         ([8], 8, 1),
@@ -101,10 +101,10 @@ def test_every_item_once_and_no_bin_over_capacity(algorithm, seed, n):
         ([1] * 100, 100, 1),
     ],
 )
-def test_edge_cases(algorithm, lengths, capacity, expected_num_bins):
+def test_edge_cases(algorithm, lengths, capacity, expected_num_packs):
     bins = pack(lengths, capacity, algorithm)
     check_valid(lengths, bins, capacity)
-    assert len(bins) == expected_num_bins
+    assert len(bins) == expected_num_packs
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -220,13 +220,13 @@ def test_rejects_non_positive_capacity(capacity):
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_rejects_item_over_capacity_naming_it(algorithm):
     lengths = [10] * 17 + [5000, 20]
-    with pytest.raises(ValueError, match=r"item 17 has length 5000 > capacity 4096"):
+    with pytest.raises(ValueError, match=r"entry 17 has length 5000 > capacity 4096"):
         pack(lengths, 4096, algorithm)
 
 
 @pytest.mark.parametrize("bad", [0, -3])
 def test_rejects_non_positive_length_naming_it(bad):
-    with pytest.raises(ValueError, match=rf"item 2 has length {bad}; lengths must be >= 1"):
+    with pytest.raises(ValueError, match=rf"entry 2 has length {bad}; lengths must be >= 1"):
         pack([4, 5, bad, 6], 16)
 
 
@@ -243,10 +243,10 @@ def test_rejects_unknown_algorithm_listing_valid_names():
 def test_packing_stats():
     lengths = [6, 6, 4, 3]  # total 19
     stats = packing_stats(lengths, [[0, 2], [1, 3]], 10)
-    assert stats["num_bins"] == 2
-    assert stats["num_items"] == 4
+    assert stats["num_packs"] == 2
+    assert stats["num_entries"] == 4
     assert stats["efficiency"] == pytest.approx(19 / 20)
-    assert stats["lower_bound"] == 2
-    assert stats["bins_over_lower_bound"] == pytest.approx(0.0)
-    assert stats["avg_items_per_bin"] == pytest.approx(2.0)
-    assert packing_stats([5, 5, 5], [[0], [1], [2]], 10)["bins_over_lower_bound"] == pytest.approx(0.5)
+    assert stats["min_packs"] == 2
+    assert stats["packs_over_min"] == pytest.approx(0.0)
+    assert stats["avg_entries_per_pack"] == pytest.approx(2.0)
+    assert packing_stats([5, 5, 5], [[0], [1], [2]], 10)["packs_over_min"] == pytest.approx(0.5)

@@ -12,20 +12,24 @@ import numpy as np
 import pytest
 import torch
 
-from nemo_aligner.algorithms.dpo import DPOAlgorithm, DPOSettings, pair_logprobs, precompute_reference
-from nemo_aligner.config import ConfigError, load_config
-from nemo_aligner.config.schema import DPOConfig, DPORunConfig
-from nemo_aligner.data.collate import collate_packed, collate_padded
-from nemo_aligner.data.datasets import PreferenceDataset
-from nemo_aligner.data.packed_file import (
-    PackedPreferenceDataset, load_packed_dataset, pack_dataset, read_packed_file, write_packed_file,
-)
+from nemo_aligner.algorithms.dpo import DPOAlgorithm, DPOSettings, pair_sums
+from nemo_aligner.algorithms.reference import precompute_reference
+from nemo_aligner.config import ConfigError, DPORunConfig, load_config
+from nemo_aligner.config.dpo import DPOConfig
+from nemo_aligner.data.dataset import TokenizeSettings
+from nemo_aligner.data.layout import DataLayout, pack_examples
 from nemo_aligner.data.packing import pack
-from nemo_aligner.data.tokenize import TokenizeSettings
+from nemo_aligner.data.preference.collate import collate_pairs
+from nemo_aligner.data.preference.dataset import PreferenceDataset
+from nemo_aligner.data.preference.packed_file import (
+    PackedPreferenceDataset, load_packed_dataset, read_packed_file, write_packed_file,
+)
 from nemo_aligner.data.tokenizer import Tokenizer
 from nemo_aligner.models.gpt import GPTConfig, GPTModel
-from nemo_aligner.recipes.dpo import load_datasets, make_train_data, run_dpo
+from nemo_aligner.models.heads import ModelWithHead
+from nemo_aligner.recipes.dpo import load_layouts, run_dpo
 from nemo_aligner.recipes.prepare_packed_dpo import parse_args, prepare_packed_dpo
+from tests.helpers import one_process_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "examples/demo/tokenizer"
@@ -85,40 +89,41 @@ def _tiny_model(vocab_size, family):
     return GPTModel(GPTConfig(**arch))
 
 
-def _step(algorithm, dataset, micro_batches, packed, num_pairs):
+def _step(algorithm, model, dataset, micro_batches, packed, num_pairs):
     """Loss summed over micro-batches (normalised by all pairs), gradients, per-pair log-probs by dataset index."""
-    algorithm.model.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
+    module = ModelWithHead(model, algorithm.head())
     total, logps = 0.0, {}
     for items in micro_batches:
         batch = algorithm.make_batch(dataset, items, packed)
-        loss, _ = algorithm.loss(batch, num_pairs)
+        token_logps = module(batch.input_ids, labels=batch.labels, segment_ids=batch.segment_ids)
+        loss, _ = algorithm.loss(batch, token_logps, num_pairs)
         loss.backward()
         total += loss.item()
-        with torch.no_grad():
-            pc, pr, _, _ = pair_logprobs(algorithm.model, batch, algorithm.settings.chunk_size)
-        for k, index in enumerate(batch.pair_indices.tolist()):
+        pc, pr, _, _ = pair_sums(batch, token_logps.detach())
+        for k, index in enumerate(batch.example_indices.tolist()):
             logps[index] = (pc[k].item(), pr[k].item())
-    grads = {name: p.grad.clone() for name, p in algorithm.model.named_parameters()}
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     return total, grads, logps
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_packed_and_padded_give_the_same_logprobs_loss_and_gradients(tok, family):
     ds = PreferenceDataset.from_files([TRAIN], tok, TokenizeSettings(seq_length=SEQ))
-    ds.pairs = ds.pairs[:14]
+    ds.examples = ds.examples[:14]
     rng = np.random.default_rng(0)
     ds.ref_chosen, ds.ref_rejected = -rng.uniform(20, 40, 14), -rng.uniform(20, 40, 14)
     model = _tiny_model(tok.vocab_size, family)
     # sft term and a small chunk size: response lengths matter and chunks cross sequence boundaries
     settings = DPOSettings.from_config(DPOConfig(ref_policy_kl_penalty=0.3, sft_loss_weight=0.5,
                                                  logprob_chunk_size=50))
-    algorithm = DPOAlgorithm(model, settings, tok.pad_id)
-    padded = _step(algorithm, ds, [list(range(i, min(i + 4, 14))) for i in range(0, 14, 4)], False, 14)
-    packs = pack_dataset(ds, 6 * SEQ, "first_fit_shuffle", seed=3)
+    algorithm = DPOAlgorithm(settings, tok.pad_id)
+    padded = _step(algorithm, model, ds, [list(range(i, min(i + 4, 14))) for i in range(0, 14, 4)], False, 14)
+    packs = pack_examples(ds, 6 * SEQ, "first_fit_shuffle", seed=3)
     # several pairs per row, rows of different lengths in a micro-batch (trailing padding; for GPT-2's learned
     # positions it must not count positions past max_position_embeddings)
     assert len(packs) > 2 and len(ds) / len(packs) >= 2
-    packed = _step(algorithm, ds, [packs[i:i + 2] for i in range(0, len(packs), 2)], True, 14)
+    packed = _step(algorithm, model, ds, [packs[i:i + 2] for i in range(0, len(packs), 2)], True, 14)
 
     assert sorted(packed[2]) == sorted(padded[2]) == list(range(14))
     for index in range(14):
@@ -130,14 +135,13 @@ def test_packed_and_padded_give_the_same_logprobs_loss_and_gradients(tok, family
 
 def test_precomputed_reference_is_the_same_packed_or_padded(tok):
     ds = PreferenceDataset.from_files([TRAIN], tok, TokenizeSettings(seq_length=SEQ))
-    ds.pairs = ds.pairs[:20]
-    model = _tiny_model(tok.vocab_size, "llama")
-    no_autocast = torch.autocast("cpu", enabled=False)
-    precompute_reference(model, ds, [list(range(i, min(i + 3, 20))) for i in range(0, 20, 3)], tok.pad_id, 64, no_autocast)
+    ds.examples = ds.examples[:20]
+    algorithm = DPOAlgorithm(DPOSettings.from_config(DPOConfig(logprob_chunk_size=64)), tok.pad_id)
+    run = one_process_run(_tiny_model(tok.vocab_size, "llama"), algorithm.head())
+    precompute_reference(run, DataLayout(ds, list(range(20))), algorithm.make_batch, 3)
     padded = ds.ref_chosen.copy(), ds.ref_rejected.copy()
-    packs = pack_dataset(ds, 3 * SEQ, "best_fit_decreasing", seed=0)
-    precompute_reference(model, ds, [packs[i:i + 2] for i in range(0, len(packs), 2)], tok.pad_id, 64, no_autocast,
-                         packed=True)
+    packs = pack_examples(ds, 3 * SEQ, "best_fit_decreasing", seed=0)
+    precompute_reference(run, DataLayout(ds, packs, packed=True), algorithm.make_batch, 2)
     np.testing.assert_allclose(ds.ref_chosen, padded[0], atol=1e-5, rtol=0)
     np.testing.assert_allclose(ds.ref_rejected, padded[1], atol=1e-5, rtol=0)
 
@@ -149,7 +153,7 @@ def test_file_round_trip_is_exact_and_never_unpickles(tmp_path, tok, monkeypatch
     settings = TokenizeSettings(seq_length=SEQ)
     ds = PreferenceDataset.from_files([_rows_file(tmp_path)], tok, settings, default_rewards=(1.0, 0.0))
     assert ds.report.num_truncated == 1
-    packs = pack_dataset(ds, 2 * SEQ + 100, "first_fit_shuffle", seed=5)
+    packs = pack_examples(ds, 2 * SEQ + 100, "first_fit_shuffle", seed=5)
     path = tmp_path / "p.safetensors"
     write_packed_file(path, ds, packs, pack_size=2 * SEQ + 100, algorithm="first_fit_shuffle", seed=5,
                       seq_length=SEQ, tokenizer_fingerprint=tok.fingerprint())
@@ -181,7 +185,7 @@ def test_file_round_trip_is_exact_and_never_unpickles(tmp_path, tok, monkeypatch
     remap = {index: k for k, index in enumerate(order)}
     for p_orig, p_loaded in zip(packs, loaded.packs):
         assert p_loaded == [remap[i] for i in p_orig]
-    a, b = collate_packed(ds, packs[:3], tok.pad_id), collate_packed(loaded, loaded.packs[:3], tok.pad_id)
+    a, b = collate_pairs(ds, packs[:3], tok.pad_id, True), collate_pairs(loaded, loaded.packs[:3], tok.pad_id, True)
     for field in ("input_ids", "labels", "seq_index", "segment_ids", "chosen_rewards", "rejected_rewards"):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
 
@@ -203,7 +207,7 @@ def test_cli_writes_one_file_per_pack_size_and_split_and_prints_stats(packed_dir
 def test_cli_first_fit_shuffle_is_reproducible(packed_dir, tmp_path, capsys):
     out, _ = packed_dir
     results = prepare_packed_dpo(*parse_args(_overrides(tmp_path)))
-    assert results["train"][384]["num_pairs"] == _num_rows(TRAIN) and 0 < results["train"][384]["efficiency"] <= 1
+    assert results["train"][384]["num_examples"] == _num_rows(TRAIN) and 0 < results["train"][384]["efficiency"] <= 1
     for size in PACK_SIZES:
         for split in ("train", "validation"):
             name = f"packed_{size}_seed7.{split}.safetensors"
@@ -277,10 +281,9 @@ def test_training_with_online_packing_with_micro_batch_2(tmp_path, tok, small_ro
     data = {"data_prefix": {"train": [str(small_rows)], "validation": [str(small_rows)]}, "packing": True,
             "pack_size": 320}
     cfg = _run_config(tmp_path, data, encoder_seq_length=SEQ)
-    train_ds, val_ds = load_datasets(cfg, tok)
-    train, val = make_train_data(cfg, train_ds), make_train_data(cfg, val_ds, "validation")
-    assert train.packed and val.packed and len(train.items) <= len(train_ds) / 2
-    assert train.items == pack(train_ds.pair_lengths(), 320, "best_fit_decreasing")
+    train, val = load_layouts(cfg, tok)
+    assert train.packed and val.packed and len(train.items) <= len(train.dataset) / 2
+    assert train.items == pack(train.dataset.pack_lengths(), 320, "best_fit_decreasing")
     _check_run(run_dpo(cfg), tmp_path / "run")
 
 
@@ -290,19 +293,19 @@ def test_training_with_online_packing_with_micro_batch_2(tmp_path, tok, small_ro
 def test_packed_file_from_another_tokenizer_is_refused(tmp_path, tok):
     ds = PreferenceDataset.from_files([TRAIN], tok, TokenizeSettings(seq_length=SEQ))
     path = tmp_path / "packed_384_seed1.train.safetensors"
-    write_packed_file(path, ds, pack_dataset(ds, 384, "best_fit_decreasing", 1), pack_size=384,
+    write_packed_file(path, ds, pack_examples(ds, 384, "best_fit_decreasing", 1), pack_size=384,
                       algorithm="best_fit_decreasing", seed=1, seq_length=SEQ, tokenizer_fingerprint="f00d" * 16)
     cfg = _run_config(tmp_path, {"data_impl": "packed_jsonl", "data_prefix": {"train": [str(path)]}}, 384)
     with pytest.raises(ValueError, match=rf"{path}: packed with another tokenizer \(fingerprint f00df00d.*"
                                          rf"fingerprint {tok.fingerprint()[:16]}"):
-        load_datasets(cfg, tok)
+        load_layouts(cfg, tok)
 
 
 def test_pack_size_above_encoder_seq_length_is_refused(packed_dir, tmp_path, tok):
     path = packed_dir[0] / "packed_384_seed7.train.safetensors"
     cfg = _run_config(tmp_path, {"data_impl": "packed_jsonl", "data_prefix": {"train": [str(path)]}}, 256)
     with pytest.raises(ValueError, match=rf"{path}: pack_size=384 > model.encoder_seq_length=256"):
-        load_datasets(cfg, tok)
+        load_layouts(cfg, tok)
 
 
 def test_pack_size_below_twice_seq_length_is_refused(tmp_path):
@@ -312,28 +315,28 @@ def test_pack_size_below_twice_seq_length_is_refused(tmp_path):
         _run_config(tmp_path, {"packing": True, "pack_size": 150}, SEQ)
 
 
-def test_item_longer_than_capacity_is_named(tok):
-    with pytest.raises(ValueError, match=r"item 1 has length 300 > capacity 256"):
+def test_example_longer_than_the_pack_is_named(tok):
+    with pytest.raises(ValueError, match=r"entry 1 has length 300 > capacity 256"):
         pack([5, 300, 7], 256, "first_fit_shuffle", seed=0)
     ds = PreferenceDataset.from_files([TRAIN], tok, TokenizeSettings(seq_length=SEQ))
-    lengths = ds.pair_lengths()
+    lengths = ds.pack_lengths()
     capacity = int(lengths.max()) - 1
     first = int(np.flatnonzero(lengths > capacity)[0])
-    with pytest.raises(ValueError, match=rf"cannot pack pairs into pack_size={capacity}: item {first} has length "
+    with pytest.raises(ValueError, match=rf"cannot pack pairs into pack_size={capacity}: entry {first} has length "
                                          rf"{lengths[first]} > capacity {capacity}"):
-        pack_dataset(ds, capacity, "best_fit_decreasing", 0)
+        pack_examples(ds, capacity, "best_fit_decreasing", 0)
 
 
 def test_wrong_files_for_the_data_impl_are_named(tmp_path, tok, packed_dir):
     path = packed_dir[0] / "packed_384_seed7.train.safetensors"
     cfg = _run_config(tmp_path, {"data_prefix": {"train": [str(path)]}}, 384)
     with pytest.raises(ValueError, match=r"lists packed files .* set model.data.data_impl=packed_jsonl"):
-        load_datasets(cfg, tok)
+        load_layouts(cfg, tok)
     npy = tmp_path / "packed_4096_seed0.npy"
     npy.write_bytes(b"\x93NUMPY")
     cfg = _run_config(tmp_path, {"data_impl": "packed_jsonl", "data_prefix": {"train": [str(npy)]}}, 384)
     with pytest.raises(ValueError, match=r"pickled object arrays and are not loaded"):
-        load_datasets(cfg, tok)
+        load_layouts(cfg, tok)
     cfg = _run_config(tmp_path, {"data_impl": "packed_jsonl", "data_prefix": {"train": [str(TRAIN)]}}, 384)
     with pytest.raises(ValueError, match=r"not a packed data file"):
-        load_datasets(cfg, tok)
+        load_layouts(cfg, tok)

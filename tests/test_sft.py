@@ -10,25 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
-
 from nemo_aligner.algorithms.sft import SFTAlgorithm, SFTSettings
-from nemo_aligner.config import ConfigError, load_config
-from nemo_aligner.config.schema import DPORunConfig
-from nemo_aligner.config.sft_schema import SFTRunConfig
+from nemo_aligner.config import ConfigError, DPORunConfig, SFTRunConfig
+from nemo_aligner.data.batch import IGNORE_INDEX
 from nemo_aligner.data.chat_templates import BUILTIN_TEMPLATES
-from nemo_aligner.data.collate import IGNORE_INDEX
-from nemo_aligner.data.formats import DataError
-from nemo_aligner.data.sft import (
-    SFTDataset, SFTKeys, SFTTokenizeSettings, read_sft_file, sft_example_from_row, tokenize_sft,
-)
-from nemo_aligner.data.sft_collate import pack_dataset
+from nemo_aligner.data.layout import pack_examples
+from nemo_aligner.data.rows import DataError
+from nemo_aligner.data.sft.dataset import SFTDataset
+from nemo_aligner.data.sft.rows import SFTColumns, read_sft_file, sft_example_from_row
+from nemo_aligner.data.sft.tokenize import SFTTokenizeSettings, tokenize_sft
 from nemo_aligner.data.tokenizer import Tokenizer
 from nemo_aligner.losses.logprobs import token_logprobs, token_logprobs_and_correct
 from nemo_aligner.losses.sft import num_units, sft_loss
 from nemo_aligner.models.gpt import GPTConfig, GPTModel
 from nemo_aligner.recipes.dpo import run_dpo
 from nemo_aligner.recipes.sft import run_sft
+from tests.helpers import compose, micro_batch_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT_YAML = ROOT / "examples/nlp/gpt/conf/gpt_sft.yaml"
@@ -68,7 +65,7 @@ def _settings(**kw):
     return SFTTokenizeSettings(**{"seq_length": 4096, "add_bos": False, **kw})
 
 
-def _tokenize(tok, row, keys=SFTKeys(), **kw):
+def _tokenize(tok, row, keys=SFTColumns(), **kw):
     return tokenize_sft(sft_example_from_row(row, "t.jsonl:1", keys), tok, _settings(**kw))
 
 
@@ -90,11 +87,7 @@ def _write(tmp_path, rows, name="d.jsonl"):
 
 
 def _config(log_dir, *overrides, yaml=SFT_YAML, schema=SFTRunConfig):
-    raw = OmegaConf.to_container(OmegaConf.load(yaml))
-    raw.pop("defaults", None)
-    raw.pop("hydra", None)
-    merged = OmegaConf.merge(raw, OmegaConf.from_dotlist([f"exp_manager.explicit_log_dir={log_dir}", *overrides]))
-    return load_config(merged, schema)
+    return compose(yaml, schema, log_dir, *overrides)
 
 
 def _metrics(log_dir) -> list[dict]:
@@ -140,7 +133,7 @@ def test_roll_rows_with_system_and_query_keys(tok):
     assert ex.messages == [{"role": "system", "content": "Be brief."},
                            {"role": "user", "content": "Name the color\nof the sky"},
                            {"role": "assistant", "content": "Blue."}]
-    keys = SFTKeys(system_key="sys", prompt_key="q", query_key="ctx", response_key="a")
+    keys = SFTColumns(system_key="sys", prompt_key="q", query_key="ctx", response_key="a")
     ex = sft_example_from_row({"q": "Name the color of the sky", "ctx": "", "a": "Blue."}, "r:2", keys)
     assert [m["role"] for m in ex.messages] == ["user", "assistant"]
     assert ex.messages[0]["content"] == "Name the color of the sky"
@@ -190,7 +183,7 @@ def test_trl_messages_and_shape_precedence(tok):
                                                                                     "value": "b"}], **row},
                                 "p:2").shape == "nemo_chat"
     forced = sft_example_from_row({"prompt": "Q", "completion": "x", "instruction": "Q", "output": "A"}, "p:3",
-                                  SFTKeys(row_format="roll"))
+                                  SFTColumns(row_format="roll"))
     assert forced.shape == "roll" and forced.messages[-1]["content"] == "A"
 
 
@@ -278,9 +271,9 @@ def mixed_dataset(tok, tmp_path_factory):
 @pytest.mark.parametrize("normalization", ["tokens", "sequences"])
 def test_algorithm_loss_and_accuracy_match_full_logits(tok, mixed_dataset, normalization):
     model = _tiny_model(tok)
-    alg = SFTAlgorithm(model, SFTSettings(normalization, chunk_size=7), tok.pad_id)
+    alg = SFTAlgorithm(SFTSettings(normalization, chunk_size=7), tok.pad_id)
     batch = alg.make_batch(mixed_dataset, list(range(len(mixed_dataset))), packed=False)
-    loss, sums = alg.loss(batch, alg.num_units(batch))
+    loss, sums = micro_batch_loss(alg, model, batch, alg.num_units(batch))
     with torch.no_grad():
         logits = model.logits(batch.input_ids)
         nll = F.cross_entropy(logits.transpose(1, 2), batch.labels, reduction="none", ignore_index=IGNORE_INDEX)
@@ -310,18 +303,18 @@ def test_chunked_logprobs_with_correct_counts_match_the_plain_path():
 def test_packed_and_padded_give_the_same_loss_and_gradients(tok, mixed_dataset, normalization):
     def step(items, packed, micro):
         model = _tiny_model(tok)
-        alg = SFTAlgorithm(model, SFTSettings(normalization, chunk_size=16), tok.pad_id)
+        alg = SFTAlgorithm(SFTSettings(normalization, chunk_size=16), tok.pad_id)
         batches = [alg.make_batch(mixed_dataset, items[i:i + micro], packed) for i in range(0, len(items), micro)]
         units = sum(alg.num_units(b) for b in batches)
         total, correct = 0.0, 0.0
         for b in batches:
-            loss, sums = alg.loss(b, units)
+            loss, sums = micro_batch_loss(alg, model, b, units)
             loss.backward()
             total, correct = total + loss.item(), correct + sums["correct"].item()
         return total, correct, {n: p.grad for n, p in model.named_parameters()}
 
     padded = step(list(range(len(mixed_dataset))), packed=False, micro=4)
-    packs = pack_dataset(mixed_dataset, 192)
+    packs = pack_examples(mixed_dataset, 192, "best_fit_decreasing", seed=0)
     assert len(packs) < len(mixed_dataset) and any(len(p) > 1 for p in packs)
     packed = step(packs, packed=True, micro=2)
     assert packed[0] == pytest.approx(padded[0], rel=1e-5)

@@ -1,21 +1,20 @@
-"""One DPO-family micro-batch: policy log-probs, reference log-probs, weighted loss and metric sums.
+"""One DPO-family micro-batch: from the policy's per-token log-probs (and the reference's), the
+weighted loss and metric sums.
 
 The loop owns accumulation and the optimiser; this file owns what a pair contributes. Losses are
 normalised by the number of pairs in the *global* batch (passed in), so micro-batch size,
 accumulation, packing and data parallel never reweight pairs. Metrics are returned as sums over
-pairs so they can be added across micro-batches and ranks and divided once.
+pairs so they can be added across micro-batches and ranks and divided once. Reference log-probs are
+in the batch (precomputed, `algorithms.reference`) or filled before the step by `prepare`.
 """
 
-import copy
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from nemo_aligner.config.schema import DPOConfig
-from nemo_aligner.data.collate import PreferenceBatch, collate_packed, collate_padded
-from nemo_aligner.losses.logprobs import sequence_logprobs, sequence_sums
-from nemo_aligner.models.lora import adapters_disabled, set_adapters_enabled
+from nemo_aligner.config.dpo import DPOConfig
+from nemo_aligner.data.preference.collate import PreferenceBatch, collate_pairs
+from nemo_aligner.losses.logprobs import LogProbHead, sequence_sums
 from nemo_aligner.losses.preference import (
     LOSS_TYPES, REFERENCE_FREE_LOSSES, combined_preference_loss, sft_loss_from_logps,
 )
@@ -58,110 +57,51 @@ class DPOSettings:
         return self.preference_loss_weight != 0 and not set(self.loss_types) <= REFERENCE_FREE_LOSSES
 
 
-def pair_logprobs(model, batch: PreferenceBatch, chunk_size: int):
-    """(chosen sums, rejected sums, chosen token counts, rejected token counts), each [P].
-
-    model: a GPTModel, or a TokenLogProbModel (the head inside its forward, as FSDP and pipelines need)."""
-    from nemo_aligner.models.logprob_model import TokenLogProbModel
-
-    if isinstance(model, TokenLogProbModel):
-        return pairs_from_token_logprobs(batch, model(batch.input_ids, labels=batch.labels,
-                                                      segment_ids=batch.segment_ids))
-    hidden = model(batch.input_ids, segment_ids=batch.segment_ids)
-    sums, counts = sequence_logprobs(hidden, model.output_weight, batch.labels, batch.seq_index,
-                                     2 * batch.num_pairs, chunk_size)
-    return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
-
-
-def pairs_from_token_logprobs(batch: PreferenceBatch, token_logps_RT: torch.Tensor):
-    """pair_logprobs' four [P] tensors from dense per-token log-probs [R, T] (a pipeline's last stage output)."""
+def pair_sums(batch: PreferenceBatch, token_logps_RT: torch.Tensor):
+    """(chosen sums, rejected sums, chosen token counts, rejected token counts), each [P], from dense
+    per-token log-probs [R, T] (the log-prob head's output)."""
     sums, counts = sequence_sums(token_logps_RT, batch.labels, batch.seq_index, 2 * batch.num_pairs)
     return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
 
 
-def reference_pair_sums(batch: PreferenceBatch, token_logps_RT: torch.Tensor):
-    """[2, P] (chosen, rejected) summed log-probs: what a reference pass keeps of each micro-batch."""
-    chosen, rejected, _, _ = pairs_from_token_logprobs(batch, token_logps_RT)
-    return torch.stack([chosen, rejected])
-
-
-class OnlineReference:
-    """A frozen copy of the initial policy, run without gradients.
-
-    copy_model=False adopts `model` as is (a copy the caller already sharded like the policy). A
-    TokenLogProbModel reference is run by the step executor for the whole global batch before the
-    policy step (`DPOAlgorithm.prepare_batches`), which is how it works under pipeline parallel."""
-
-    def __init__(self, model, copy_model: bool = True):
-        self.model = (copy.deepcopy(model) if copy_model else model).requires_grad_(False).eval()
-        set_adapters_enabled(self.model, False)  # with LoRA the reference is the base model
-
-    @torch.no_grad()
-    def __call__(self, batch: PreferenceBatch, chunk_size: int):
-        chosen, rejected, _, _ = pair_logprobs(self.model, batch, chunk_size)
-        return chosen, rejected
-
-
-class AdapterReference:
-    """ref_mode=adapter: the policy itself with its LoRA adapters switched off, no second copy of the
-    weights (the base is frozen, so this is the initial model at every step). `model` is the policy:
-    whoever runs it directly as the reference (`prepare_batches`) does so inside adapters_disabled."""
-
-    def __init__(self, policy):
-        self.model = policy
-
-    @torch.no_grad()
-    def __call__(self, batch: PreferenceBatch, chunk_size: int):
-        with adapters_disabled(self.model):
-            chosen, rejected, _, _ = pair_logprobs(self.model, batch, chunk_size)
-        return chosen, rejected
+def reference_pair_sums(batch: PreferenceBatch, token_logps_RT: torch.Tensor) -> torch.Tensor:
+    """[P, 2] (chosen, rejected) summed log-probs: what a reference pass keeps of each micro-batch."""
+    chosen, rejected, _, _ = pair_sums(batch, token_logps_RT)
+    return torch.stack([chosen, rejected], dim=-1)
 
 
 class DPOAlgorithm:
-    """What the loop calls: make micro-batches, compute a micro-batch's loss, reduce metrics."""
+    """The algorithm protocol (training.protocol) for the DPO family."""
 
     unit = "pairs"
+    headline_metrics = ("loss", "acc")
 
-    def __init__(self, model, settings: DPOSettings, pad_id: int, reference=None, autocast=None):
-        self.model = model
+    def __init__(self, settings: DPOSettings, pad_id: int, reference=None):
         self.settings = settings
         self.pad_id = pad_id
-        self.reference = reference  # OnlineReference, or None when log-probs are precomputed / not needed
-        self.autocast = autocast or torch.autocast("cpu", enabled=False)
+        self.reference = reference  # a ModelReference run before each step, or None (precomputed / not needed)
+
+    def head(self) -> LogProbHead:
+        return LogProbHead(self.settings.chunk_size)
 
     @staticmethod
     def num_units(batch: PreferenceBatch) -> int:
         return batch.num_pairs
 
     def make_batch(self, dataset, items, packed: bool) -> PreferenceBatch:
-        if packed:
-            return collate_packed(dataset, items, self.pad_id)
-        return collate_padded(dataset, items, self.pad_id)
+        return collate_pairs(dataset, items, self.pad_id, packed)
 
-    def loss(self, batch: PreferenceBatch, num_pairs_global: int):
-        with self.autocast:
-            policy = pair_logprobs(self.model, batch, self.settings.chunk_size)
-            reference = self._reference_logprobs(batch)
-        return self.loss_from_logprobs(batch, policy, reference, num_pairs_global)
+    def prepare(self, batches, executor) -> None:
+        """Reference log-probs for a whole global batch in one forward-only pass (ref_mode online / adapter);
+        precomputed or reference-free runs need nothing."""
+        if (self.settings.needs_reference and self.reference is not None
+                and any(b.ref_chosen is None for b in batches)):
+            self.reference.fill(batches, executor)
 
-    def loss_from_token_logprobs(self, batch: PreferenceBatch, token_logps_RT, num_pairs_global: int):
-        """The loss from a pipeline's last-stage output (dense per-token log-probs [R, T])."""
-        return self.loss_from_logprobs(batch, pairs_from_token_logprobs(batch, token_logps_RT),
-                                       self._reference_logprobs(batch), num_pairs_global)
-
-    def prepare_batches(self, batches, executor) -> None:
-        """Reference log-probs for a whole global batch in one executor pass (online mode with a
-        TokenLogProbModel reference); precomputed or reference-free runs need nothing."""
-        from nemo_aligner.models.logprob_model import TokenLogProbModel
-
-        if (not self.settings.needs_reference or self.reference is None
-                or not isinstance(self.reference.model, TokenLogProbModel)
-                or all(b.ref_chosen is not None for b in batches)):
-            return
-        with adapters_disabled(self.reference.model):  # ref_mode=adapter: the policy's base; else a no-op
-            refs = executor.forward_only(self.reference.model, batches, reference_pair_sums)
-        for batch, ref in zip(batches, refs):
-            batch.ref_chosen, batch.ref_rejected = ref[0], ref[1]
+    def loss(self, batch: PreferenceBatch, token_logps_RT, num_pairs_global: int):
+        """(loss, metric sums) from the policy's dense per-token log-probs [R, T]."""
+        return self.loss_from_logprobs(batch, pair_sums(batch, token_logps_RT), self._reference_logprobs(batch),
+                                       num_pairs_global)
 
     def loss_from_logprobs(self, batch: PreferenceBatch, policy, reference, num_pairs_global: int):
         """(loss, metric sums) from policy (chosen, rejected, chosen counts, rejected counts) and reference
@@ -184,11 +124,9 @@ class DPOAlgorithm:
     def _reference_logprobs(self, batch):
         if not self.settings.needs_reference:
             return None, None
-        if batch.ref_chosen is not None:
-            return batch.ref_chosen, batch.ref_rejected
-        if self.reference is None:
-            raise RuntimeError("reference log-probs are neither precomputed nor computable (no reference model)")
-        return self.reference(batch, self.settings.chunk_size)
+        if batch.ref_chosen is None:
+            raise RuntimeError("reference log-probs are neither precomputed nor filled by a reference pass")
+        return batch.ref_chosen, batch.ref_rejected
 
     @torch.no_grad()
     def _metric_sums(self, per_pair, pref, sft, pc, pr, rc, rr, len_c, len_r):
@@ -218,23 +156,3 @@ class DPOAlgorithm:
         var = max(float(sums["rewards_all_sumsq"]) / n - mean * mean, 0.0)
         out["rewards_all_mean"], out["rewards_all_std"] = mean, var ** 0.5
         return out
-
-
-@torch.no_grad()
-def precompute_reference(model, dataset, micro_batch_items, pad_id: int, chunk_size: int, autocast, packed=False):
-    """Fill dataset.ref_chosen / ref_rejected with the current model's log-probs (one pass, no grad);
-    LoRA adapters are off for it, so with LoRA these are the base model's."""
-    was_training = model.training
-    model.eval()
-    chosen = np.zeros(len(dataset), dtype=np.float64)
-    rejected = np.zeros(len(dataset), dtype=np.float64)
-    for items in micro_batch_items:
-        batch = (collate_packed if packed else collate_padded)(dataset, items, pad_id)
-        device = next(model.parameters()).device
-        batch = batch.to(device)
-        with autocast, adapters_disabled(model):
-            pc, pr, _, _ = pair_logprobs(model, batch, chunk_size)
-        idx = batch.pair_indices.cpu().numpy()
-        chosen[idx], rejected[idx] = pc.double().cpu().numpy(), pr.double().cpu().numpy()
-    model.train(was_training)
-    dataset.ref_chosen, dataset.ref_rejected = chosen, rejected

@@ -1,4 +1,5 @@
-"""One SFT micro-batch: response-token log-probs (chunked), the normalised NLL, and metric sums.
+"""One SFT micro-batch: the normalised NLL of the response tokens and metric sums, from the model's
+per-token log-probs (and argmax-correctness, for token accuracy).
 
 The loop owns accumulation and the optimiser; this file owns what a micro-batch contributes. The
 loss is normalised by `num_units` summed over the *global* batch (response tokens, or sequences with
@@ -10,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from nemo_aligner.data.collate import IGNORE_INDEX
-from nemo_aligner.data.sft_collate import SFTBatch, collate_sft_packed, collate_sft_padded
-from nemo_aligner.losses.logprobs import token_logprobs_and_correct
+from nemo_aligner.data.batch import IGNORE_INDEX
+from nemo_aligner.data.sft.collate import SFTBatch, collate_sft
+from nemo_aligner.losses.logprobs import LogProbHead
 from nemo_aligner.losses.sft import loss_numerator, num_units, per_sequence_nll
 
 
@@ -27,37 +28,36 @@ class SFTSettings:
 
 
 class SFTAlgorithm:
-    """What the loop calls: make micro-batches, count loss units, compute a micro-batch's loss, reduce metrics."""
+    """The algorithm protocol (training.protocol) for supervised fine-tuning."""
 
-    def __init__(self, model, settings: SFTSettings, pad_id: int, autocast=None):
-        self.model = model
+    headline_metrics = ("loss", "token_acc")
+
+    def __init__(self, settings: SFTSettings, pad_id: int):
         self.settings = settings
         self.pad_id = pad_id
-        self.autocast = autocast or torch.autocast("cpu", enabled=False)
 
     @property
     def unit(self) -> str:
         return self.settings.loss_normalization
+
+    def head(self) -> LogProbHead:
+        return LogProbHead(self.settings.chunk_size, with_correct=True)
 
     def num_units(self, batch: SFTBatch) -> int:
         scored = batch.labels != IGNORE_INDEX
         return num_units(batch.seq_index[scored], batch.num_sequences, self.settings.loss_normalization)
 
     def make_batch(self, dataset, items, packed: bool) -> SFTBatch:
-        if packed:
-            return collate_sft_packed(dataset, items, self.pad_id)
-        return collate_sft_padded(dataset, items, self.pad_id)
+        return collate_sft(dataset, items, self.pad_id, packed)
 
-    def loss(self, batch: SFTBatch, num_units_global: int):
+    def loss(self, batch: SFTBatch, outputs_RT2, num_units_global: int):
+        """(loss, metric sums) from the head's [R, T, 2] (log-prob, argmax == label) per position."""
         scored_RT = batch.labels != IGNORE_INDEX
-        with self.autocast:
-            hidden_RTE = self.model(batch.input_ids, segment_ids=batch.segment_ids)
-            logps_N, correct_N = token_logprobs_and_correct(hidden_RTE[scored_RT], self.model.output_weight,
-                                                            batch.labels[scored_RT], self.settings.chunk_size)
+        logps_N, correct_N = outputs_RT2[scored_RT].unbind(-1)
         nll_S, counts_S = per_sequence_nll(logps_N, batch.seq_index[scored_RT], batch.num_sequences)
         numerator = loss_numerator(self.settings.loss_normalization, nll_S, counts_S)
         loss = numerator / max(num_units_global, 1)
-        sums = {"loss": numerator.detach(), "nll_sum": nll_S.detach().sum(), "correct": correct_N.sum().double(),
+        sums = {"loss": numerator.detach(), "nll_sum": nll_S.detach().sum(), "correct": correct_N.detach().sum().double(),
                 "response_tokens": counts_S.sum().double(), "sequences": torch.tensor(float(batch.num_sequences))}
         return loss, sums
 

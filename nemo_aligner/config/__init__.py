@@ -1,21 +1,28 @@
-"""Validate a composed Hydra/OmegaConf config against the typed schema, with errors that name the key."""
+"""Typed run configs with NeMo-Aligner's key names, and validation of a composed Hydra/OmegaConf
+config against them with errors that name the key. Importing this package does not import torch.
+
+    cfg = load_config(raw, DPORunConfig)   # raw: DictConfig / dict from Hydra or YAML
+
+Schemas: `config.sections` (what every recipe shares), `config.dpo`, `config.sft`;
+`config.nemo_compat` lists the NeMo keys that are accepted and ignored.
+"""
 
 import dataclasses
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from nemo_aligner.config.schema import DPORunConfig, ModelConfig
-from nemo_aligner.models.gpt import GPTConfig
+from nemo_aligner.config.dpo import DPORunConfig
+from nemo_aligner.config.sft import SFTRunConfig
 
-__all__ = ["ConfigError", "load_config", "gpt_config_from_model", "DPORunConfig"]
+__all__ = ["ConfigError", "load_config", "DPORunConfig", "SFTRunConfig"]
 
 
 class ConfigError(ValueError):
     """A user's configuration is wrong; the message names the key and what was expected."""
 
 
-def load_config(raw, schema=DPORunConfig):
+def load_config(raw, schema):
     """raw: DictConfig / dict from Hydra or YAML -> a schema dataclass instance (validated)."""
     if isinstance(raw, DictConfig):
         raw = OmegaConf.to_container(raw, resolve=True)
@@ -47,11 +54,3 @@ def _valid_keys(schema, dotted: str) -> list[str]:
             return []
         cls = type(default)
     return sorted(f.name for f in dataclasses.fields(cls))
-
-
-def gpt_config_from_model(model: ModelConfig, vocab_size: int) -> GPTConfig:
-    """The architecture part of `model.*`, for runs that build a model from scratch."""
-    arch = {f.name: getattr(model, f.name) for f in dataclasses.fields(GPTConfig) if hasattr(model, f.name)}
-    arch["vocab_size"] = model.vocab_size or vocab_size
-    arch["activations_checkpointing"] = model.activations_checkpoint_granularity is not None
-    return GPTConfig(**arch)

@@ -1,62 +1,73 @@
-"""Per-sequence response log-probs from hidden states, a chunk of tokens at a time.
+"""Per-token response log-probs from hidden states, a chunk of tokens at a time.
 
 Only scored positions (label != -100) are projected to the vocabulary, and each chunk's logits
 are recomputed in backward instead of stored, so a full [tokens, vocab] tensor never exists and
 memory holds at most one chunk of logits. Log-softmax runs in fp32 whatever the model dtype.
 
+`LogProbHead` is how a model's forward ends in training (`models.heads.ModelWithHead`): dense
+per-token log-probs [R, T] (0 where nothing is scored), a fixed shape that pipeline stages can send.
+How one chunk is projected is a function the head holds (`LogProbFns`): the plain one here, or the
+vocab-parallel one that `parallel.tensor_parallel` installs when the output weight is sharded.
+
 Shapes: R rows, T tokens, E hidden, V vocabulary, N scored tokens, S sequences.
 """
 
+from typing import Callable, NamedTuple
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torch.distributed.tensor import DTensor
 
 IGNORE_INDEX = -100
 
 
-def _chunk_logprobs(hidden_NE, weight_VE, targets_N):
-    if isinstance(weight_VE, DTensor):  # tensor parallel: vocabulary sharded over tp, never gathered
-        from nemo_aligner.parallel.tensor_parallel import vocab_parallel_logprobs
-
-        return vocab_parallel_logprobs(hidden_NE, weight_VE, targets_N)
+def chunk_logprobs(hidden_NE, weight_VE, targets_N) -> torch.Tensor:
+    """log p(target) [N] fp32 for one chunk, projecting with the full output weight."""
     logits_NV = F.linear(hidden_NE, weight_VE).float()
     return -F.cross_entropy(logits_NV, targets_N, reduction="none")
 
 
-def token_logprobs(hidden_NE: torch.Tensor, weight_VE: torch.Tensor, targets_N: torch.Tensor,
-                   chunk_size: int = 1024) -> torch.Tensor:
-    """log p(target) for each of N positions, [N] fp32."""
-    out = []
-    for start in range(0, hidden_NE.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
-        if torch.is_grad_enabled():
-            out.append(checkpoint(_chunk_logprobs, hidden_NE[sl], weight_VE, targets_N[sl], use_reentrant=False))
-        else:
-            out.append(_chunk_logprobs(hidden_NE[sl], weight_VE, targets_N[sl]))
-    return torch.cat(out) if out else hidden_NE.new_zeros(0, dtype=torch.float32)
-
-
-def _chunk_logprobs_correct(hidden_NE, weight_VE, targets_N):
-    if isinstance(weight_VE, DTensor):  # tensor parallel: vocabulary sharded over tp, never gathered
-        from nemo_aligner.parallel.tensor_parallel import vocab_parallel_logprobs
-
-        return vocab_parallel_logprobs(hidden_NE, weight_VE, targets_N, with_correct=True)
+def chunk_logprobs_and_correct(hidden_NE, weight_VE, targets_N) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target) [N] fp32, argmax == target [N] bool) for one chunk."""
     logits_NV = F.linear(hidden_NE, weight_VE).float()
     correct_N = logits_NV.detach().argmax(dim=-1) == targets_N
     return -F.cross_entropy(logits_NV, targets_N, reduction="none"), correct_N
 
 
+class LogProbFns(NamedTuple):
+    """How one chunk is projected: log-probs, and log-probs with argmax-correctness (token accuracy)."""
+
+    logprobs: Callable
+    logprobs_and_correct: Callable
+
+
+PLAIN = LogProbFns(chunk_logprobs, chunk_logprobs_and_correct)
+
+
+def token_logprobs(hidden_NE: torch.Tensor, weight_VE: torch.Tensor, targets_N: torch.Tensor,
+                   chunk_size: int = 1024, fns: LogProbFns = PLAIN) -> torch.Tensor:
+    """log p(target) for each of N positions, [N] fp32."""
+    out = []
+    for start in range(0, hidden_NE.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        if torch.is_grad_enabled():
+            out.append(checkpoint(fns.logprobs, hidden_NE[sl], weight_VE, targets_N[sl], use_reentrant=False))
+        else:
+            out.append(fns.logprobs(hidden_NE[sl], weight_VE, targets_N[sl]))
+    return torch.cat(out) if out else hidden_NE.new_zeros(0, dtype=torch.float32)
+
+
 def token_logprobs_and_correct(hidden_NE: torch.Tensor, weight_VE: torch.Tensor, targets_N: torch.Tensor,
-                               chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                               chunk_size: int = 1024, fns: LogProbFns = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(target) [N] fp32, argmax == target [N] bool): token accuracy from the same chunked pass."""
     logps, correct = [], []
     for start in range(0, hidden_NE.shape[0], chunk_size):
         args = (hidden_NE[start:start + chunk_size], weight_VE, targets_N[start:start + chunk_size])
         if torch.is_grad_enabled():
-            lp, ok = checkpoint(_chunk_logprobs_correct, *args, use_reentrant=False)
+            lp, ok = checkpoint(fns.logprobs_and_correct, *args, use_reentrant=False)
         else:
-            lp, ok = _chunk_logprobs_correct(*args)
+            lp, ok = fns.logprobs_and_correct(*args)
         logps.append(lp)
         correct.append(ok)
     if not logps:
@@ -64,30 +75,20 @@ def token_logprobs_and_correct(hidden_NE: torch.Tensor, weight_VE: torch.Tensor,
     return torch.cat(logps), torch.cat(correct)
 
 
-def sequence_logprobs(hidden_RTE, weight_VE, labels_RT, seq_index_RT, num_sequences: int, chunk_size: int = 1024):
-    """(sum of response-token log-probs [S], number of response tokens [S]) per sequence."""
-    scored_RT = labels_RT != IGNORE_INDEX
-    hidden_NE = hidden_RTE[scored_RT]
-    logps_N = token_logprobs(hidden_NE, weight_VE, labels_RT[scored_RT], chunk_size)
-    seq_N = seq_index_RT[scored_RT]
-    sums_S = logps_N.new_zeros(num_sequences).index_add(0, seq_N, logps_N)
-    counts_S = torch.bincount(seq_N, minlength=num_sequences).to(logps_N.dtype)
-    return sums_S, counts_S
-
-
-def dense_token_logprobs(hidden_RTE, weight_VE, labels_RT, chunk_size: int = 1024, with_correct: bool = False):
-    """log p(label) at every scored position of [R, T] (0 elsewhere), fp32; a fixed shape for pipeline stages.
+def dense_token_logprobs(hidden_RTE, weight_VE, labels_RT, chunk_size: int = 1024, with_correct: bool = False,
+                         fns: LogProbFns = PLAIN):
+    """log p(label) at every scored position of [R, T] (0 elsewhere), fp32.
 
     with_correct: [R, T, 2] with (log-prob, argmax == label as 0/1) in the last dim.
     """
     scored_RT = labels_RT != IGNORE_INDEX
     hidden_NE, targets_N = hidden_RTE[scored_RT], labels_RT[scored_RT]
     if with_correct:
-        logps_N, correct_N = token_logprobs_and_correct(hidden_NE, weight_VE, targets_N, chunk_size)
+        logps_N, correct_N = token_logprobs_and_correct(hidden_NE, weight_VE, targets_N, chunk_size, fns)
         values_N2 = torch.stack([logps_N, correct_N.to(logps_N.dtype)], dim=-1)
         out = values_N2.new_zeros(*labels_RT.shape, 2)
         return out.masked_scatter(scored_RT[..., None], values_N2)
-    logps_N = token_logprobs(hidden_NE, weight_VE, targets_N, chunk_size)
+    logps_N = token_logprobs(hidden_NE, weight_VE, targets_N, chunk_size, fns)
     return logps_N.new_zeros(labels_RT.shape).masked_scatter(scored_RT, logps_N)
 
 
@@ -98,3 +99,26 @@ def sequence_sums(token_logps_RT, labels_RT, seq_index_RT, num_sequences: int):
     sums_S = logps_N.new_zeros(num_sequences).index_add(0, seq_N, logps_N)
     counts_S = torch.bincount(seq_N, minlength=num_sequences).to(logps_N.dtype)
     return sums_S, counts_S
+
+
+class LogProbHead(nn.Module):
+    """forward(hidden [R, T, E], output weight [V, E], labels [R, T]) -> dense log-probs [R, T] (or [R, T, 2]
+    with_correct). No parameters: the weight is passed in, so tied embeddings and sharded weights work.
+    A module of its own so tensor parallel can re-lay out its input (sequence parallel gathers here)."""
+
+    def __init__(self, chunk_size: int = 1024, with_correct: bool = False):
+        super().__init__()
+        self.chunk_size = chunk_size
+        self.with_correct = with_correct
+        self.fns = PLAIN
+
+    def forward(self, hidden_RTE, weight_VE, labels_RT):
+        return dense_token_logprobs(hidden_RTE, weight_VE, labels_RT, self.chunk_size, self.with_correct, self.fns)
+
+    def output_trailing_shape(self) -> tuple:
+        """Shape of one position's output (pipeline stages declare it up front)."""
+        return (2,) if self.with_correct else ()
+
+    @staticmethod
+    def output_dtype() -> torch.dtype:
+        return torch.float32

@@ -13,7 +13,8 @@ the wrapper returns `base(x)` untouched, bit for bit, whatever A and B hold.
 GPTModel itself has no LoRA code. Wrapping renames the base parameters (`q_proj.weight` becomes
 `q_proj.base.weight`); `base_weights` / `merged_weights` turn a state dict back into the original
 names, which is what Hugging Face export uses. A, B and the base are separate `nn.Linear`s so the
-tensor-parallel plan can shard each with the stock DTensor styles (`lora_tp_plan`).
+tensor-parallel plan can shard each with the stock DTensor styles
+(`parallel.tensor_parallel.lora_tp_plan`). Target names: `models.lora_names`.
 """
 
 import contextlib
@@ -22,33 +23,7 @@ import math
 import torch
 from torch import nn
 
-# Our projection modules, by their leaf name, and the module that holds them.
-PROJECTIONS = {"q_proj": "self_attention", "k_proj": "self_attention", "v_proj": "self_attention",
-               "o_proj": "self_attention", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-_QKV, _FC1 = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
-
-# model.peft.lora_tuning.target_modules: NeMo's names, Hugging Face projection names (Llama family and
-# GPT-2; GPT-2's `c_proj` matches both attn.c_proj and mlp.c_proj, as PEFT's suffix match does).
-TARGET_ALIASES = {
-    "attention_qkv": _QKV, "attention_dense": ("o_proj",), "mlp_fc1": _FC1, "mlp_fc2": ("down_proj",),
-    "attention": (*_QKV, "o_proj"), "mlp": (*_FC1, "down_proj"), "all": tuple(PROJECTIONS),
-    **{name: (name,) for name in PROJECTIONS},
-    "c_attn": _QKV, "c_proj": ("o_proj", "down_proj"), "attn.c_proj": ("o_proj",), "mlp.c_proj": ("down_proj",),
-    "c_fc": ("up_proj",),
-}
-INIT_METHODS = ("xavier", "normal", "kaiming", "zero")
-
-
-def resolve_target_modules(names) -> tuple[str, ...]:
-    """target_modules (NeMo or Hugging Face names) -> our projection leaf names, in a fixed order."""
-    names = [names] if isinstance(names, str) else list(names or [])
-    unknown = [n for n in names if n not in TARGET_ALIASES]
-    if unknown or not names:
-        raise ValueError(f"model.peft.lora_tuning.target_modules={names}: unknown name(s) {unknown}; valid names: "
-                         f"{list(TARGET_ALIASES)}")
-    wanted = {leaf for n in names for leaf in TARGET_ALIASES[n]}
-    return tuple(leaf for leaf in PROJECTIONS if leaf in wanted)
-
+from nemo_aligner.models.lora_names import INIT_METHODS, PROJECTIONS, TARGET_ALIASES, resolve_target_modules
 
 def init_lora_weight(weight: torch.Tensor, method: str) -> None:
     """NeMo's adapter inits: xavier normal, N(0, 0.2), kaiming uniform (a=sqrt 5), zero."""
@@ -143,7 +118,7 @@ def freeze_base(model: nn.Module) -> None:
 
 
 def apply_lora(model: nn.Module, cfg) -> list[str]:
-    """Wrap every target projection of `model` (a GPTModel, a TokenLogProbModel around one, or a pipeline
+    """Wrap every target projection of `model` (a GPTModel, a ModelWithHead around one, or a pipeline
     stage) with an adapter built from `cfg` (model.peft.lora_tuning); freeze the rest. Returns wrapped names."""
     leaves = resolve_target_modules(cfg.target_modules)
     rank = cfg.adapter_dim
@@ -217,89 +192,6 @@ def merged_weights(state_dict: dict, scales: dict[str, float]) -> dict:
     return out
 
 
-def full_state_dict(model: nn.Module) -> dict:
-    """model.state_dict() with DTensor shards gathered (collective: every rank of the mesh must call)."""
-    out = {}
-    for name, tensor in model.state_dict().items():
-        out[name] = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-    return out
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
-@torch.no_grad()
-def merge_adapters_(model: nn.Module) -> None:
-    """Fold every adapter into its base weight in place (W += scale * B @ A) and zero B, so the model
-    computes what it did, now from base weights alone (for exporting a sharded model as a merged one).
-    DTensor weights (tensor parallel, FSDP) get their local slice of the update; collective then (A and B
-    are gathered one module at a time), so every rank of the mesh must call it."""
-    from torch.distributed.tensor import DTensor
-
-    for module in lora_modules(model).values():
-        weight = module.base.weight
-        delta = module.scale * (_full(module.lora_B.weight).float() @ _full(module.lora_A.weight).float())
-        if isinstance(weight, DTensor):
-            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-            shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
-            local = weight.to_local()
-            local.add_(delta[tuple(slice(o, o + n) for o, n in zip(offset, shape))].to(local.dtype))
-        else:
-            weight.add_(delta.to(weight.dtype))
-        module.lora_B.weight.zero_()
-
-
-# ------------------------------------------------------------------------------------------ tensor parallel
-def lora_tp_plan(module: nn.Module, plan: dict) -> dict:
-    """A tensor-parallel plan rewritten for LoRA-wrapped entries of `module` (a transformer layer).
-
-    Column-parallel base (q/k/v, gate/up): B is sharded like the base (Shard(0) of [out, r]) and A is
-    replicated (a plain tensor fed the local copy of the replicated input, which sequence parallel hands
-    over as a DTensor); B's input-gradient all-reduce (ColwiseParallel's) also completes A's gradient.
-    Row-parallel base (o, down): A is sharded like the base (Shard(1) of [r, in]), its [.., r] partial
-    sums are reduced (cheaper than reducing [.., out]) and B, replicated, runs on the result. With sequence parallel the row-parallel output is sequence-sharded, so B
-    becomes a Replicate DTensor over sequence-sharded input (SequenceParallel) and its gradient is
-    all-reduced like a norm weight's. Entries that are not LoRA-wrapped pass through unchanged.
-    """
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel,
-    )
-
-    out = {}
-    for name, style in plan.items():
-        try:
-            target = module.get_submodule(name)
-        except AttributeError:
-            out[name] = style
-            continue
-        if not isinstance(target, LoRALinear):
-            out[name] = style
-            continue
-        out[f"{name}.base"] = style
-        if isinstance(style, ColwiseParallel):
-            if style.input_layouts[0] != Replicate():
-                raise ValueError(f"LoRA on {name}: column-parallel base with input layout "
-                                  f"{style.input_layouts[0]} (expected Replicate)")
-            out[f"{name}.lora_A"] = PrepareModuleInput(input_layouts=(Replicate(),),
-                                                       desired_input_layouts=(Replicate(),), use_local_output=True)
-            out[f"{name}.lora_B"] = ColwiseParallel(output_layouts=style.output_layouts[0],
-                                                    use_local_output=style.use_local_output)
-        elif isinstance(style, RowwiseParallel):
-            out[f"{name}.lora_A"] = RowwiseParallel(input_layouts=style.input_layouts[0],
-                                                    output_layouts=style.output_layouts[0],
-                                                    use_local_output=style.use_local_output)
-            if style.output_layouts[0] != Replicate():
-                out[f"{name}.lora_B"] = SequenceParallel(sequence_dim=style.output_layouts[0].dim,
-                                                         use_local_output=True)
-        else:
-            raise ValueError(f"LoRA on {name}: no tensor-parallel rule for {type(style).__name__}")
-    return out
-
-
 __all__ = ["LoRALinear", "apply_lora", "adapters_disabled", "set_adapters_enabled", "lora_modules", "has_lora",
            "base_weights", "adapter_weights", "merged_weights", "lora_scales", "resolve_target_modules",
-           "lora_tp_plan", "TARGET_ALIASES", "INIT_METHODS", "wrap_linear", "freeze_base", "full_state_dict",
-           "merge_adapters_", "is_adapter_key"]
+           "TARGET_ALIASES", "INIT_METHODS", "wrap_linear", "freeze_base", "is_adapter_key"]

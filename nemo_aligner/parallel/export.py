@@ -1,5 +1,8 @@
-"""Hugging Face export of a sharded (FSDP / tensor / pipeline parallel) model, gathered to rank 0 a
-layer at a time and streamed into safetensors shards.
+"""The Hugging Face export of a run, whatever its layout: the model, or with LoRA a PEFT adapter folder
+or a merged model (`export_hf`). One path for one process and many.
+
+A sharded (FSDP / tensor / pipeline parallel) model is gathered to rank 0 a layer at a time and
+streamed into safetensors shards (`export_model`); in one process that is plain `state_dict` reads.
 
 For each layer (then the embeddings / final norm / output projection), the ranks of the stage that
 owns it call `full_tensor()` on each parameter (the all-gathers run inside that stage), the stage's
@@ -9,6 +12,7 @@ holds at most one layer plus one unwritten shard; no rank ever holds the whole m
 """
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -21,8 +25,10 @@ from torch.distributed.tensor import DTensor
 from nemo_aligner.models.gpt import GPTModel
 from nemo_aligner.models.hf import FAMILIES, hf_config_dict, infer_model_type
 from nemo_aligner.models.hf.common import INDEX_FILE, SINGLE_FILE, atomic_dir, finish_atomic_dir, resolve_dtype
-from nemo_aligner.models.lora import base_weights
+from nemo_aligner.models.hf.peft import adapter_specs, write_adapter_folder
+from nemo_aligner.models.lora import base_weights, is_adapter_key, lora_modules
 
+log = logging.getLogger("nemo_aligner")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
@@ -87,10 +93,11 @@ def _owner(name: str, stage_layers: list[range]) -> int:
     return len(stage_layers) - 1  # final_norm, output_layer
 
 
-def export_hf_parallel(parallel, stage_model, path, tokenizer=None, model_type: str | None = None, dtype=None,
-                       max_shard_size_bytes: int = 5 * 2**30) -> Path:
-    """Collective: every rank calls it with its stage's GPTModel (the pruned, sharded one). Rank 0 writes
-    `path` atomically (temporary folder renamed into place); all ranks return when it is complete."""
+def export_model(parallel, stage_model, path, tokenizer=None, model_type: str | None = None, dtype=None,
+                 max_shard_size_bytes: int = 5 * 2**30) -> Path:
+    """Collective: every rank calls it with its stage's GPTModel (the pruned, sharded one; in one process,
+    the model). Rank 0 writes `path` atomically (temporary folder renamed into place); all ranks return
+    when it is complete. With LoRA this writes the base weights."""
     path = Path(path)
     config = stage_model.config
     model_type = model_type or getattr(stage_model, "hf_model_type", None) or infer_model_type(config)
@@ -131,5 +138,76 @@ def export_hf_parallel(parallel, stage_model, path, tokenizer=None, model_type: 
         if tokenizer is not None:
             tokenizer.save(tmp)
         finish_atomic_dir(tmp, path)
-    dist.barrier()
+    _barrier()
+    return path
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@torch.no_grad()
+def merge_adapters_(model) -> None:
+    """Fold every adapter into its base weight in place (W += scale * B @ A) and zero B, so the model
+    computes what it did, now from base weights alone (for exporting a sharded model as a merged one).
+    DTensor weights (tensor parallel, FSDP) get their local slice of the update; collective then (A and B
+    are gathered one module at a time), so every rank of the mesh must call it."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for module in lora_modules(model).values():
+        weight = module.base.weight
+        delta = module.scale * (_full(module.lora_B.weight).float() @ _full(module.lora_A.weight).float())
+        if isinstance(weight, DTensor):
+            shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+            local = weight.to_local()
+            local.add_(delta[tuple(slice(o, o + n) for o, n in zip(offset, shape))].to(local.dtype))
+        else:
+            weight.add_(delta.to(weight.dtype))
+        module.lora_B.weight.zero_()
+
+
+def gather_adapters(parallel, stage_model) -> tuple[dict, dict] | None:
+    """Collective: (full adapter tensors, specs) of every pipeline stage, on global rank 0 (None elsewhere).
+    Adapters are small, so each stage's first rank hands them over whole."""
+    tensors = {name: _full(t).detach().cpu() for name, t in stage_model.state_dict().items() if is_adapter_key(name)}
+    specs = adapter_specs(stage_model)
+    if not dist.is_initialized():
+        return tensors, specs
+    leader = parallel.dp_rank == 0 and parallel.tp_rank == 0
+    mine = (tensors, specs) if leader else ({}, {})
+    gathered = [None] * dist.get_world_size() if parallel.rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    if parallel.rank != 0:
+        return None
+    all_tensors, all_specs = {}, {}
+    for part_tensors, part_specs in gathered:
+        all_tensors.update(part_tensors)
+        all_specs.update(part_specs)
+    return all_tensors, all_specs
+
+
+def export_hf(parallel, model, path, tokenizer, peft_cfg, base_model_name_or_path: str | None) -> Path:
+    """The run's final Hugging Face output (collective): the model, or (LoRA) the PEFT adapter folder or,
+    with model.peft.merge_on_export, the merged model. `model` is this rank's GPTModel (its pipeline stage,
+    sharded). An adapter folder needs its base: a run built from scratch also writes it to `<path>_base`."""
+    path = Path(path)
+    if not lora_modules(model):
+        return export_model(parallel, model, path, tokenizer)
+    if peft_cfg.merge_on_export:
+        merge_adapters_(model)  # the end of the run: fold adapters into the (sharded) base, export that
+        return export_model(parallel, model, path, tokenizer)
+    if base_model_name_or_path is None:
+        base = export_model(parallel, model, path.with_name(path.name + "_base"), tokenizer)
+        base_model_name_or_path = str(Path(base).resolve())
+        log.info("LoRA base model (built from scratch) written to %s", base)
+    gathered = gather_adapters(parallel, model)
+    if gathered is not None:
+        model_type = getattr(model, "hf_model_type", None) or infer_model_type(model.config)
+        write_adapter_folder(path, *gathered, model.config, model_type, tokenizer, base_model_name_or_path)
+    _barrier()
     return path

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 
 def apply_fsdp(module, dp_mesh, reshard_after_forward: bool = True):
-    """fully_shard every transformer layer of `module` (a TokenLogProbModel or GPTModel), then the root.
+    """fully_shard every transformer layer of `module` (a ModelWithHead or GPTModel), then the root.
 
     reshard_after_forward=False (pipeline stages: several micro-batches per step) keeps gathered layers
     until the step's backward ends instead of gathering them again for every micro-batch. Explicit for
@@ -72,7 +72,10 @@ def _is_strided(placement) -> bool:
 def clip_grad_norm_(parameters, max_norm: float, pp_group=None) -> float:
     """Global L2 norm of all gradients (every rank gets the same value); scales them to max_norm if above.
     Same arithmetic as torch.nn.utils.clip_grad_norm_ (coefficient max_norm / (norm + 1e-6), capped at 1)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+    parameters = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in parameters]
+    if pp_group is None and not any(isinstance(g, DTensor) for g in grads):  # one process: torch's own, exactly
+        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf")))
     norm = math.sqrt(float(_sum_of_squares(grads, pp_group)))
     if max_norm > 0 and math.isfinite(max_norm):
         coef = min(max_norm / (norm + 1e-6), 1.0)

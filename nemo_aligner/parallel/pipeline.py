@@ -11,9 +11,9 @@ in the data). Every pipeline rank of a data-parallel replica builds the same mic
 per-micro-batch position ids, packed-sequence ids (segment_ids) and labels reach each stage as
 stage kwargs alongside the activations it receives, with nothing extra on the wire.
 
-The last stage emits dense per-token log-probs; the loss and metrics are computed there (the
-algorithm's `loss_from_token_logprobs`) and the metric sums are broadcast to the other stages, so
-every rank's loop logs the same numbers.
+The last stage emits the head's output (e.g. dense per-token log-probs); the loss and metrics are
+computed there (the algorithm's `loss(batch, outputs, num_units)`, as in the plain executor) and the
+metric sums are broadcast to the other stages, so every rank's loop logs the same numbers.
 """
 
 import contextlib
@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from nemo_aligner.models.gpt import positions_from_segments
-from nemo_aligner.training.executor import accumulate, pad_batch
+from nemo_aligner.parallel.executor import accumulate, zeros_like_sums
 
 SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
 
@@ -43,21 +43,13 @@ def prune_to_stage(model, layers: range, is_first: bool, is_last: bool):
     return model
 
 
-def max_row_tokens(data) -> int:
-    """Longest row any micro-batch of `data` (a TrainData: pairs or packs of pairs) can have."""
-    pairs = data.dataset.pairs
-    if data.packed:
-        return max(sum(p.num_tokens for p in (pairs[i] for i in pack)) for pack in data.items)
-    return max(len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in (pairs[i] for i in data.items))
-
-
 class PipelineExecutor:
     """Runs a global batch's micro-batches through this rank's pipeline stage (see the module docstring)."""
 
-    def __init__(self, algorithm, module, parallel, *, seq_len: int, schedule: str = "1f1b", autocast=None,
+    def __init__(self, module, parallel, *, seq_len: int, schedule: str = "1f1b", autocast=None,
                  compute_context=None):
-        self.algorithm = algorithm
-        self.module = module  # this rank's stage: a TokenLogProbModel around the pruned GPTModel (maybe FSDP)
+        self.algorithm = None  # set by the loop
+        self.module = module  # this rank's stage: a ModelWithHead around the pruned GPTModel (maybe FSDP)
         self.parallel = parallel
         self.seq_len = seq_len
         self.schedule_name = schedule
@@ -80,12 +72,12 @@ class PipelineExecutor:
         return self._run(self.module, batches, "eval", num_units=num_units, num_real=num_real)
 
     def forward_only(self, module, batches, reduce_fn) -> list:
-        """reduce_fn(batch, token log-probs [R, T]) per batch, computed on the last stage and sent to all."""
+        """reduce_fn(batch, outputs) per batch, computed on the last stage and sent to all."""
         return self._run(module, batches, "collect", reduce_fn=reduce_fn)
 
     # ------------------------------------------------------------------ internals
     def _prepare(self, batches):
-        prepare = getattr(self.algorithm, "prepare_batches", None)
+        prepare = getattr(self.algorithm, "prepare", None)
         if prepare is not None:
             prepare(batches, self)
 
@@ -113,7 +105,7 @@ class PipelineExecutor:
         if longest > self.seq_len:
             raise ValueError(f"a micro-batch has {longest} tokens per row, more than the pipeline's fixed "
                              f"{self.seq_len} (set from the data at start-up)")
-        padded = [pad_batch(b, rows, self.seq_len).to(self.device) for b in batches]
+        padded = [b.padded(rows, self.seq_len).to(self.device) for b in batches]
         self._run_state = dict(batches=padded, mode=mode, num_units=num_units, sums={}, collected={},
                                num_real=len(batches) if num_real is None else num_real, reduce_fn=reduce_fn)
         kwargs = {"labels": torch.cat([b.labels for b in padded]),
@@ -150,9 +142,9 @@ class PipelineExecutor:
             if state["mode"] == "collect":
                 state["collected"][index] = state["reduce_fn"](batch, output.detach()).cpu()
                 return output.sum() * 0.0
-            loss, metric_sums = self.algorithm.loss_from_token_logprobs(batch, output, state["num_units"])
+            loss, metric_sums = self.algorithm.loss(batch, output, state["num_units"])
         if index >= state["num_real"]:  # padding micro-batch: same metric names, zero values
-            metric_sums = {k: v * 0 for k, v in metric_sums.items()}
+            metric_sums = zeros_like_sums(metric_sums)
         accumulate(state["sums"], metric_sums)
         return loss
 

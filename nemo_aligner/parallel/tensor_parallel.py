@@ -20,12 +20,14 @@ import contextlib
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel, loss_parallel, parallelize_module,
 )
 
-from nemo_aligner.models.lora import lora_tp_plan
+from nemo_aligner.losses.logprobs import LogProbFns
+from nemo_aligner.models.lora import LoRALinear
 
 _LOSS_PARALLEL_DEPTH = 0
 
@@ -53,7 +55,8 @@ def vocab_parallel_context(enabled: bool = True):
 def vocab_parallel_logprobs(hidden_NE: torch.Tensor, weight_VE: DTensor, targets_N: torch.Tensor,
                             with_correct: bool = False):
     """log p(target) [N] from a vocab-sharded output weight (Shard(0) over a 1-D tp mesh); hidden is the
-    full (replicated) hidden state. with_correct: also argmax == target, from per-shard maxima."""
+    full (replicated) hidden state. with_correct: also argmax == target, from per-shard maxima.
+    Installed in a model's log-prob head by `apply_tensor_parallel` (see `losses.logprobs.LogProbFns`)."""
     if _LOSS_PARALLEL_DEPTH == 0:
         raise RuntimeError("vocab-parallel log-probs must run inside nemo_aligner.parallel.tensor_parallel."
                            "vocab_parallel_context() (forward and backward)")
@@ -68,6 +71,13 @@ def vocab_parallel_logprobs(hidden_NE: torch.Tensor, weight_VE: DTensor, targets
     if not with_correct:
         return logps_N
     return logps_N, _vocab_parallel_argmax(logits_NV.detach(), weight_VE) == targets_N
+
+
+def _vocab_parallel_logprobs_and_correct(hidden_NE, weight_VE, targets_N):
+    return vocab_parallel_logprobs(hidden_NE, weight_VE, targets_N, with_correct=True)
+
+
+VOCAB_PARALLEL = LogProbFns(vocab_parallel_logprobs, _vocab_parallel_logprobs_and_correct)
 
 
 def _vocab_parallel_argmax(logits_NV: DTensor, weight_VE: DTensor) -> torch.Tensor:
@@ -87,6 +97,18 @@ def _vocab_parallel_argmax(logits_NV: DTensor, weight_VE: DTensor) -> torch.Tens
     stacked = torch.stack(gathered)  # ranks in vocabulary order: the first maximum wins, as torch.argmax
     winner = stacked[..., 0].argmax(dim=0)
     return stacked[..., 1].gather(0, winner[None]).squeeze(0).long()
+
+
+@torch.no_grad()
+def reduce_partial_grads(params) -> None:
+    """Complete gradients DTensor left as partial sums: a replicated weight used on sequence-sharded
+    activations (norms and LoRA B under sequence parallel) gets a Partial gradient, which FSDP would
+    reduce; without FSDP (data-parallel size 1) it is all-reduced here, as Megatron finalises them."""
+    for p in params:
+        grad = p.grad
+        if isinstance(grad, DTensor) and any(pl.is_partial() for pl in grad.placements):
+            placements = [Replicate() if pl.is_partial() else pl for pl in grad.placements]
+            p.grad = grad.redistribute(grad.device_mesh, placements)
 
 
 def layer_plan(sequence_parallel: bool) -> dict:
@@ -112,7 +134,8 @@ def layer_plan(sequence_parallel: bool) -> dict:
 
 
 def apply_tensor_parallel(module, tp_mesh, sequence_parallel: bool = False):
-    """Shard a GPTModel (or a TokenLogProbModel around one, or a pipeline stage of either) over `tp_mesh` in place."""
+    """Shard a GPTModel (or a ModelWithHead around one, or a pipeline stage of either) over `tp_mesh` in place.
+    A log-prob head then projects with the vocab-parallel function (the output weight is vocab-sharded)."""
     model = getattr(module, "model", module)
     frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
     for layer in model.layers.values():
@@ -130,9 +153,11 @@ def apply_tensor_parallel(module, tp_mesh, sequence_parallel: bool = False):
     if model.output_layer is not None:
         parallelize_module(model.output_layer, tp_mesh,
                            ColwiseParallel(output_layouts=Shard(-1), use_local_output=False))
+    head = getattr(module, "head", None)
+    if head is not None and hasattr(head, "fns"):  # the output weight (or tied embedding) is vocab-sharded
+        head.fns = VOCAB_PARALLEL
     if sequence_parallel and model.final_norm is not None:
         parallelize_module(model.final_norm, tp_mesh, SequenceParallel())
-        head = getattr(module, "head", None)
         if head is not None:  # gather the sequence before projecting to the vocabulary
             parallelize_module(head, tp_mesh, PrepareModuleInput(
                 input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None),
@@ -140,3 +165,45 @@ def apply_tensor_parallel(module, tp_mesh, sequence_parallel: bool = False):
     for name, p in module.named_parameters():  # SequenceParallel re-creates parameters with requires_grad=True
         p.requires_grad_(name not in frozen)  # (a LoRA run's frozen norms would start training)
     return module
+
+
+def lora_tp_plan(module: nn.Module, plan: dict) -> dict:
+    """A tensor-parallel plan rewritten for LoRA-wrapped entries of `module` (a transformer layer).
+
+    Column-parallel base (q/k/v, gate/up): B is sharded like the base (Shard(0) of [out, r]) and A is
+    replicated (a plain tensor fed the local copy of the replicated input, which sequence parallel hands
+    over as a DTensor); B's input-gradient all-reduce (ColwiseParallel's) also completes A's gradient.
+    Row-parallel base (o, down): A is sharded like the base (Shard(1) of [r, in]), its [.., r] partial
+    sums are reduced (cheaper than reducing [.., out]) and B, replicated, runs on the result. With sequence parallel the row-parallel output is sequence-sharded, so B
+    becomes a Replicate DTensor over sequence-sharded input (SequenceParallel) and its gradient is
+    all-reduced like a norm weight's. Entries that are not LoRA-wrapped pass through unchanged.
+    """
+    out = {}
+    for name, style in plan.items():
+        try:
+            target = module.get_submodule(name)
+        except AttributeError:
+            out[name] = style
+            continue
+        if not isinstance(target, LoRALinear):
+            out[name] = style
+            continue
+        out[f"{name}.base"] = style
+        if isinstance(style, ColwiseParallel):
+            if style.input_layouts[0] != Replicate():
+                raise ValueError(f"LoRA on {name}: column-parallel base with input layout "
+                                  f"{style.input_layouts[0]} (expected Replicate)")
+            out[f"{name}.lora_A"] = PrepareModuleInput(input_layouts=(Replicate(),),
+                                                       desired_input_layouts=(Replicate(),), use_local_output=True)
+            out[f"{name}.lora_B"] = ColwiseParallel(output_layouts=style.output_layouts[0],
+                                                    use_local_output=style.use_local_output)
+        elif isinstance(style, RowwiseParallel):
+            out[f"{name}.lora_A"] = RowwiseParallel(input_layouts=style.input_layouts[0],
+                                                    output_layouts=style.output_layouts[0],
+                                                    use_local_output=style.use_local_output)
+            if style.output_layouts[0] != Replicate():
+                out[f"{name}.lora_B"] = SequenceParallel(sequence_dim=style.output_layouts[0].dim,
+                                                         use_local_output=True)
+        else:
+            raise ValueError(f"LoRA on {name}: no tensor-parallel rule for {type(style).__name__}")
+    return out

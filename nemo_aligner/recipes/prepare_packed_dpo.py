@@ -11,7 +11,7 @@ root and are written with `+` as in NeMo (with or without it is accepted):
   +pack_sizes         [4096, 8192]: one file per pack size and split (required); each >= 2 x seq_length
   +packing_algorithm  first_fit_shuffle (NeMo's default) | first_fit_decreasing | best_fit_decreasing
   +seed               alias of model.seed (first_fit_shuffle's order; also in the file name)
-Output: <output_dir>/packed_{pack_size}_seed{seed}.{split}.safetensors (format in data/packed_file.py).
+Output: <output_dir>/packed_{pack_size}_seed{seed}.{split}.safetensors (format in data/preference/packed_file.py).
 `model.data.data_prefix` may be one file or a list (packed as the train split) or NeMo's mapping
 {train: [...], validation: [...], test: [...]} (each split given is packed).
 """
@@ -22,15 +22,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from nemo_aligner.config import ConfigError, load_config
-from nemo_aligner.config.schema import DPORunConfig
-from nemo_aligner.data.datasets import PreferenceDataset
-from nemo_aligner.data.packed_file import (
-    check_pack_size, pack_dataset, pack_summary, packed_file_name, write_packed_file,
-)
+from nemo_aligner.config import ConfigError, DPORunConfig, load_config
+from nemo_aligner.data.layout import pack_examples, pack_summary
 from nemo_aligner.data.packing import ALGORITHMS
-from nemo_aligner.recipes.common import load_tokenizer
-from nemo_aligner.recipes.dpo import data_files, data_options
+from nemo_aligner.data.preference.dataset import PreferenceDataset, options_from_config
+from nemo_aligner.data.preference.packed_file import check_pack_size, packed_file_name, write_packed_file
+from nemo_aligner.data.rows import split_files
+from nemo_aligner.recipes.skeleton import load_tokenizer
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "nlp" / "gpt" / "conf" / "gpt_dpo.yaml"
 SPLITS = ("train", "validation", "test")
@@ -123,17 +121,17 @@ def _config_file(argv: list[str]) -> tuple[Path, list[str]]:
     return file, rest
 
 
-def split_files(data_prefix) -> dict[str, list[str]]:
+def files_by_split(data_prefix) -> dict[str, list[str]]:
     """model.data.data_prefix as a file, a list of files, or {train: [...], validation: [...], test: [...]}."""
     if isinstance(data_prefix, str):
         return {"train": [data_prefix]}
     if isinstance(data_prefix, (list, tuple)):
-        return {"train": data_files({"train": list(data_prefix)}, "train")}
+        return {"train": split_files({"train": list(data_prefix)}, "train")}
     if isinstance(data_prefix, dict):
         unknown = sorted(set(data_prefix) - set(SPLITS))
         if unknown:
             raise ConfigError(f"model.data.data_prefix has unknown splits {unknown}; expected {list(SPLITS)}")
-        splits = {split: data_files(data_prefix, split) for split in SPLITS}
+        splits = {split: split_files(data_prefix, split) for split in SPLITS}
         return {split: files for split, files in splits.items() if files}
     raise ConfigError(f"model.data.data_prefix={data_prefix!r}; expected a file, a list of files or "
                       "{train: [...], validation: [...]}")
@@ -141,17 +139,17 @@ def split_files(data_prefix) -> dict[str, list[str]]:
 
 def prepare_packed_dpo(cfg: DPORunConfig, args: PackingArgs, out=print) -> dict:
     """Tokenise each split once, pack it at every pack size, write the files; returns the stats per file."""
-    splits = split_files(cfg.model.data.data_prefix)
+    splits = files_by_split(cfg.model.data.data_prefix)
     if not splits:
         raise ConfigError("model.data.data_prefix lists no files")
     tokenizer = load_tokenizer(cfg.model, cfg.pretrained_checkpoint.restore_from_path)
-    settings, keys, rewards = data_options(cfg)
+    settings, columns, rewards = options_from_config(cfg.model)
     seq_length, output_dir = cfg.model.seq_length, Path(args.output_dir)
     out(f"tokenizer {tokenizer.name_or_path} (fingerprint {tokenizer.fingerprint()[:16]}), seq_length {seq_length}, "
         f"{args.packing_algorithm}, seed {args.seed}")
     results = {}
     for split, files in splits.items():
-        dataset = PreferenceDataset.from_files(files, tokenizer, settings, keys, rewards,
+        dataset = PreferenceDataset.from_files(files, tokenizer, settings, columns, rewards,
                                                name=f"model.data.data_prefix.{split}")
         out(dataset.report.summary(split))
         if dataset.report.num_truncated:
@@ -159,17 +157,17 @@ def prepare_packed_dpo(cfg: DPORunConfig, args: PackingArgs, out=print) -> dict:
                 "(model.data.seq_length, else model.encoder_seq_length); set it to the model's sequence length "
                 "if that is not intended, or model.data.overlength=drop|error")
         for pack_size in args.pack_sizes:
-            packs = pack_dataset(dataset, pack_size, args.packing_algorithm, args.seed, name=split)
+            packs = pack_examples(dataset, pack_size, args.packing_algorithm, args.seed, name=split)
             path = output_dir / packed_file_name(pack_size, args.seed, split)
             stats = pack_summary(dataset, packs, pack_size)
             write_packed_file(path, dataset, packs, pack_size=pack_size, algorithm=args.packing_algorithm,
                               seed=args.seed, seq_length=seq_length, tokenizer_fingerprint=tokenizer.fingerprint(),
                               extra={"split": split, "efficiency": stats["efficiency"],
-                                     "tokenize": settings.key(), "keys": dict(keys.__dict__)})
+                                     "tokenize": settings.key(), "keys": dict(columns.__dict__)})
             stats |= {"path": str(path), "num_truncated": dataset.report.num_truncated,
                       "num_dropped": dataset.report.num_dropped}
             stats["global_batch_size"], stats["micro_batch_size"] = suggested_batch_sizes(
-                cfg.model.global_batch_size, cfg.model.micro_batch_size, stats["avg_pairs_per_pack"])
+                cfg.model.global_batch_size, cfg.model.micro_batch_size, stats["avg_examples_per_pack"])
             results.setdefault(split, {})[pack_size] = stats
             out(_report(split, pack_size, stats, cfg.model.global_batch_size, cfg.model.micro_batch_size))
     out(_next_steps(results))
@@ -188,11 +186,11 @@ def suggested_batch_sizes(global_pairs: int, micro_pairs: int, avg_pairs_per_pac
 
 def _report(split, pack_size, s, global_pairs, micro_pairs) -> str:
     return (f"[{split}] pack_size {pack_size}: {s['num_packs']} packs (lower bound {s['min_packs']}), "
-            f"{s['num_pairs']} pairs, {s['avg_pairs_per_pack']:.2f} pairs per pack, packing efficiency "
+            f"{s['num_examples']} pairs, {s['avg_examples_per_pack']:.2f} pairs per pack, packing efficiency "
             f"{100 * s['efficiency']:.1f}% (real tokens / (packs x pack_size)); truncated {s['num_truncated']}, "
             f"dropped {s['num_dropped']}\n"
             f"  batch sizes: {global_pairs} pairs per step and {micro_pairs} per micro-batch unpacked / "
-            f"{s['avg_pairs_per_pack']:.2f} pairs per pack -> model.global_batch_size={s['global_batch_size']} "
+            f"{s['avg_examples_per_pack']:.2f} pairs per pack -> model.global_batch_size={s['global_batch_size']} "
             f"model.micro_batch_size={s['micro_batch_size']} (packs)\n"
             f"  wrote {s['path']}")
 

@@ -73,6 +73,11 @@ class Checkpointer:
         done = self.complete()
         return done[-1] if done else None
 
+    @staticmethod
+    def step_of(path: Path) -> int:
+        """The optimiser step a complete checkpoint was taken after."""
+        return int(json.loads((path / STATE_FILE).read_text())["step"])
+
     def save(self, step: int, model, optimizer, trainer_state: dict) -> Path:
         final = self.dir / f"step_{step:08d}"
         tmp = self.dir / f"step_{step:08d}.tmp"

@@ -1,10 +1,11 @@
 """The training loop shared by every algorithm: data order, accumulation, clipping, optimiser and
 schedule steps, validation and checkpoint cadence, logging and resume.
 
-An algorithm supplies `make_batch(dataset, items, packed)`, `num_units(batch)` (what its loss is
-normalised by: pairs, response tokens, ...), `loss(batch, num_units_global) -> (loss, metric_sums)`
-and `reduce_metrics(sums, num_units)`. An *item* is what the global batch
-counts: a pair (padded data) or a pack of pairs (packed data). The data order is a function of
+The algorithm (`training.protocol.Algorithm`) collates micro-batches, counts the units its loss is
+normalised by and computes losses from the model's outputs; the run (`parallel.run.ParallelRun`)
+supplies the executor that runs the model, the data-parallel group and the gradients' completion and
+clipping. The loop
+samples *items* (`data.layout`: examples, or packs of them). The data order is a function of
 (seed, epoch) only, so a resumed run continues the exact trajectory of an uninterrupted one.
 """
 
@@ -15,32 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from nemo_aligner.config.schema import LoopConfig
-from nemo_aligner.training.executor import PlainExecutor
+from nemo_aligner.parallel.data_parallel import split_for_rank, strided_share
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DataParallel:
-    """This process's place among data-parallel replicas (rank 0 of 1 when not distributed)."""
-
-    rank: int = 0
-    size: int = 1
-    group: object = None
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if dist.is_initialized():
-            dist.all_reduce(tensor, group=self.group)
-        return tensor
-
-    def all_reduce_max(self, value: int) -> int:
-        tensor = torch.tensor([value], dtype=torch.int64)
-        if dist.is_initialized():
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
-        return int(tensor.item())
 
 
 class GlobalBatchSampler:
@@ -66,10 +45,28 @@ class GlobalBatchSampler:
         return self.order(epoch)[start:start + self.global_batch_size].tolist()
 
 
-def split_for_rank(items: list, micro_batch_size: int, dp: DataParallel) -> list[list]:
-    per_rank = len(items) // dp.size
-    mine = items[dp.rank * per_rank:(dp.rank + 1) * per_rank]
-    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+@dataclass
+class TrainingPlan:
+    """How many steps a run takes and when it validates, known before anything is built around it."""
+
+    sampler: GlobalBatchSampler
+    max_steps: int
+    val_every: int
+    micro_batch_size: int
+
+    @classmethod
+    def from_config(cls, loop, *, num_items: int, global_batch_size: int, micro_batch_size: int, dp_size: int,
+                    seed: int, shuffle: bool) -> "TrainingPlan":
+        """loop: trainer.<algorithm> (max_epochs, max_steps, val_check_interval, limit_train_batches, ...)."""
+        if global_batch_size % (micro_batch_size * dp_size):
+            raise ValueError(f"model.global_batch_size={global_batch_size} is not divisible by micro_batch_size "
+                             f"({micro_batch_size}) x data-parallel size ({dp_size})")
+        sampler = GlobalBatchSampler(num_items, global_batch_size, seed, shuffle, loop.limit_train_batches)
+        steps_by_epochs = loop.max_epochs * sampler.steps_per_epoch
+        max_steps = steps_by_epochs if loop.max_steps < 0 else min(loop.max_steps, steps_by_epochs)
+        val_every = (loop.val_check_interval if isinstance(loop.val_check_interval, int)
+                     else max(1, int(round(loop.val_check_interval * sampler.steps_per_epoch))))
+        return cls(sampler, max_steps, val_every, micro_batch_size)
 
 
 @dataclass
@@ -80,30 +77,19 @@ class LoopState:
 
 
 class Trainer:
-    def __init__(self, *, model, algorithm, optimizer, scheduler, train_data, val_data, loop: LoopConfig,
-                 global_batch_size: int, micro_batch_size: int, seed: int, logger, checkpointer=None,
-                 monitor: str = "val_loss", device="cpu", dp: DataParallel | None = None, progress=None,
-                 data_metrics: dict | None = None, shuffle: bool = True, executor=None, clip_grad=None):
-        """executor: runs a step's micro-batches (default: the plain micro-batch loop; a pipeline executor
-        under pipeline parallel). clip_grad(params, max_norm) -> global norm: default torch's."""
+    def __init__(self, *, model, algorithm, optimizer, scheduler, run, train_data, val_data, loop, plan: TrainingPlan,
+                 logger, progress=None, checkpointer=None, monitor: str = "val_loss", data_metrics: dict | None = None):
+        """model: this rank's GPTModel (parameters, train/eval, checkpoints); run: a ParallelRun (executor,
+        data-parallel group, gradient completion and clipping); loop: trainer.<algorithm> (clipping, save and validation
+        limits); train_data / val_data: DataLayouts."""
         self.model, self.algorithm, self.optimizer, self.scheduler = model, algorithm, optimizer, scheduler
-        self.executor = executor or PlainExecutor(algorithm, device=device)
-        self.clip_grad = clip_grad
-        self.train_data, self.val_data = train_data, val_data  # objects with .dataset, .items, .packed
-        self.loop, self.logger, self.checkpointer = loop, logger, checkpointer
-        self.micro_batch_size, self.monitor, self.device = micro_batch_size, monitor, device
-        self.dp = dp or DataParallel()
-        self.progress = progress
+        self.run, self.executor, self.dp = run, run.executor, run.dp
+        self.executor.algorithm = algorithm
+        self.train_data, self.val_data = train_data, val_data
+        self.loop, self.plan, self.logger, self.progress, self.checkpointer = loop, plan, logger, progress, checkpointer
+        self.sampler, self.max_steps, self.val_every = plan.sampler, plan.max_steps, plan.val_every
+        self.micro_batch_size, self.monitor = plan.micro_batch_size, monitor
         self.data_metrics = data_metrics or {}
-        if global_batch_size % (micro_batch_size * self.dp.size):
-            raise ValueError(f"model.global_batch_size={global_batch_size} is not divisible by micro_batch_size "
-                             f"({micro_batch_size}) x data-parallel size ({self.dp.size})")
-        self.sampler = GlobalBatchSampler(len(train_data.items), global_batch_size, seed, shuffle,
-                                          loop.limit_train_batches)
-        steps_by_epochs = loop.max_epochs * self.sampler.steps_per_epoch
-        self.max_steps = steps_by_epochs if loop.max_steps < 0 else min(loop.max_steps, steps_by_epochs)
-        self.val_every = (loop.val_check_interval if isinstance(loop.val_check_interval, int)
-                          else max(1, int(round(loop.val_check_interval * self.sampler.steps_per_epoch))))
         self.state = LoopState()
         self.history: list[dict] = []
 
@@ -132,12 +118,7 @@ class Trainer:
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.loop.gradient_clip_val if self.loop.gradient_clip_val > 0 else float("inf")
-        if self.clip_grad is not None:
-            return float(self.clip_grad(params, max_norm))
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if hasattr(norm, "full_tensor"):  # DTensor under tensor/data parallel
-            norm = norm.full_tensor()
-        return float(norm)
+        return float(self.run.finish_grads(params, max_norm))
 
     def _reduce(self, sums: dict, num_units: int) -> dict:
         names = sorted(sums)
@@ -154,10 +135,8 @@ class Trainer:
         n = len(items)
         count = min(n, limit * self.sampler.global_batch_size) if isinstance(limit, int) else max(1, int(n * limit))
         chosen = list(items[:count])
-        mine = chosen[self.dp.rank::self.dp.size]
-        batches = [self.algorithm.make_batch(self.val_data.dataset, mine[i:i + self.micro_batch_size],
-                                             self.val_data.packed)
-                   for i in range(0, len(mine), self.micro_batch_size)]
+        batches = [self.algorithm.make_batch(self.val_data.dataset, micro, self.val_data.packed)
+                   for micro in strided_share(chosen, self.micro_batch_size, self.dp)]
         num_units = self._num_units(batches)
         # Every data-parallel rank runs as many forwards as the busiest one (FSDP's all-gathers are
         # collective); the extra ones repeat real items and are not counted.
@@ -168,16 +147,14 @@ class Trainer:
         return self._reduce(sums, num_units)
 
     # ------------------------------------------------------------------ the loop
-    def resume(self) -> bool:
-        if self.checkpointer is None or (path := self.checkpointer.latest()) is None:
-            return False
+    def resume(self, path) -> None:
+        """Continue from the checkpoint at `path` (model, optimiser, step, consumed samples, RNG)."""
         saved = self.checkpointer.load(path, self.model, self.optimizer)
         self.state = LoopState(step=saved["step"], consumed_samples=saved["consumed_samples"],
                                best=saved.get("best", {}))
         self.scheduler.last_epoch = self.state.step
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         log.info("resumed from %s at step %d", path, self.state.step)
-        return True
 
     def fit(self) -> dict:
         initial_val = self.validate() if self.state.step == 0 else {}
@@ -204,8 +181,8 @@ class Trainer:
             self.logger.log(self.state.step, record)
             self.history.append(record)
             if self.progress is not None:
-                self.progress.update(self.state.step, {"loss": last_train["loss"], "acc": last_train.get("acc"),
-                                                       "tok/s": last_train["tokens_per_sec"]})
+                shown = {k: last_train[k] for k in self.algorithm.headline_metrics if k in last_train}
+                self.progress.update(self.state.step, {**shown, "tok/s": last_train["tokens_per_sec"]})
             if self._should_save():
                 self._save(last_val)
                 saved_at = self.state.step
@@ -225,11 +202,6 @@ class Trainer:
             "consumed_samples": self.state.consumed_samples, "monitor": self.monitor,
             "monitor_value": None if value is None or math.isnan(value) else value, "best": self.state.best,
         })
-
-
-def _accumulate(total: dict, part: dict):
-    for name, value in part.items():
-        total[name] = total[name] + value.detach() if name in total else value.detach()
 
 
 def _fmt(metrics: dict) -> str:

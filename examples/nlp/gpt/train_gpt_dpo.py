@@ -7,7 +7,7 @@
     torchrun --nproc_per_node=4 examples/nlp/gpt/train_gpt_dpo.py trainer.devices=4 \\
         model.tensor_model_parallel_size=2 ...                     # 2-way tensor x 2-way data parallel
 
-Config: conf/gpt_dpo.yaml (every key documented in nemo_aligner/config/schema.py).
+Config: conf/gpt_dpo.yaml (every key documented in nemo_aligner/config/sections.py and config/dpo.py).
 """
 
 import sys
@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from nemo_aligner.config import ConfigError, load_config
-from nemo_aligner.config.schema import DPORunConfig
+from nemo_aligner.config import DPORunConfig
 from nemo_aligner.recipes.dpo import run_dpo
 
 # The typed schema is the base of gpt_dpo.yaml: every documented key can be set without `+`,

@@ -7,7 +7,7 @@
 
 Rows may be NeMo chat (`conversations`), TRL (`messages` or `prompt`/`completion`) or ROLL
 (`instruction`/`input`/`output`), detected per row. Config: conf/gpt_sft.yaml (every key documented
-in nemo_aligner/config/schema.py and nemo_aligner/config/sft_schema.py).
+in nemo_aligner/config/sections.py and nemo_aligner/config/sft.py).
 """
 
 import sys
@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from nemo_aligner.config import ConfigError, load_config
-from nemo_aligner.config.sft_schema import SFTRunConfig
+from nemo_aligner.config import SFTRunConfig
 from nemo_aligner.recipes.sft import run_sft
 
 # The typed schema is the base of gpt_sft.yaml: every documented key can be set without `+`,

@@ -31,8 +31,7 @@ from safetensors.torch import load_file, save_file
 from nemo_aligner.models.hf import FAMILIES, infer_model_type, save_pretrained
 from nemo_aligner.models.hf.common import atomic_dir, finish_atomic_dir, rename
 from nemo_aligner.models.lora import (
-    LoRALinear, adapter_weights, apply_lora, freeze_base, full_state_dict, is_adapter_key, lora_modules, lora_scales,
-    merge_adapters_, merged_weights, wrap_linear,
+    LoRALinear, adapter_weights, apply_lora, freeze_base, lora_modules, lora_scales, merged_weights, wrap_linear,
 )
 
 log = logging.getLogger("nemo_aligner")
@@ -46,7 +45,7 @@ _C_ATTN = re.compile(r"(?:transformer\.)?h\.(\d+)\.attn\.c_attn")
 
 
 def _inner(model):
-    """The GPTModel inside a TokenLogProbModel (names are then relative to it)."""
+    """The GPTModel inside a ModelWithHead (names are then relative to it)."""
     inner = getattr(model, "model", None)
     return inner if isinstance(inner, torch.nn.Module) else model
 
@@ -190,7 +189,7 @@ def save_adapters(model, path, tokenizer=None, base_model_name_or_path: str | No
     """Write a PEFT adapter folder (atomically) that `peft.PeftModel.from_pretrained(base, path)` loads.
     state_dict: full tensors in our names when the caller gathered them; default the model's own."""
     inner = _inner(model)
-    tensors = state_dict if state_dict is not None else full_state_dict(inner)
+    tensors = state_dict if state_dict is not None else inner.state_dict()
     return write_adapter_folder(path, tensors, adapter_specs(inner), inner.config, _model_type(inner, model_type),
                                 tokenizer, base_model_name_or_path)
 
@@ -199,7 +198,7 @@ def save_merged(model, path, tokenizer=None, model_type: str | None = None, stat
                 dtype=None) -> Path:
     """A plain Hugging Face folder with every adapter folded into its base weight (W + scale * B @ A)."""
     inner = _inner(model)
-    full = state_dict if state_dict is not None else full_state_dict(inner)
+    full = state_dict if state_dict is not None else inner.state_dict()
     return save_pretrained(inner, path, tokenizer=tokenizer, model_type=_model_type(inner, model_type),
                            dtype=dtype, state_dict=merged_weights(full, lora_scales(inner)))
 
@@ -337,64 +336,5 @@ def setup_peft(model, peft_cfg) -> list[str]:
     return names
 
 
-def gather_adapters(parallel, stage_model) -> tuple[dict, dict] | None:
-    """Collective: (full adapter tensors, specs) of every pipeline stage, on global rank 0 (None elsewhere).
-    Adapters are small, so each stage's first rank hands them over whole."""
-    import torch.distributed as dist
-
-    tensors = {name: _full_cpu(t) for name, t in stage_model.state_dict().items() if is_adapter_key(name)}
-    leader = parallel.dp_rank == 0 and parallel.tp_rank == 0
-    mine = (tensors, adapter_specs(stage_model)) if leader else ({}, {})
-    gathered = [None] * dist.get_world_size() if parallel.rank == 0 else None
-    dist.gather_object(mine, gathered, dst=0)
-    if parallel.rank != 0:
-        return None
-    all_tensors, all_specs = {}, {}
-    for part_tensors, part_specs in gathered:
-        all_tensors.update(part_tensors)
-        all_specs.update(part_specs)
-    return all_tensors, all_specs
-
-
-def _full_cpu(tensor):
-    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().cpu()
-
-
-def export_hf(model, path, tokenizer, peft_cfg, base_model_name_or_path: str | None, parallel_run=None) -> Path:
-    """The run's final Hugging Face output: the model, or (LoRA) the adapter folder or the merged model.
-
-    An adapter folder needs its base: a run built from scratch also writes the base to `<path>_base`.
-    parallel_run (distributed runs; collective): `model` is this rank's pruned, sharded stage."""
-    path = Path(path)
-    inner = _inner(model)
-
-    def save_plain(target):  # the model's (base) weights as a Hugging Face folder
-        if parallel_run is not None:
-            return parallel_run.export_hf(target, tokenizer)
-        return save_pretrained(inner, target, tokenizer=tokenizer)
-
-    if not lora_modules(inner):
-        return save_plain(path)
-    if peft_cfg.merge_on_export:
-        if parallel_run is None:
-            return save_merged(inner, path, tokenizer=tokenizer)
-        merge_adapters_(inner)  # the end of the run: fold adapters into the sharded base, export that
-        return save_plain(path)
-    if base_model_name_or_path is None:
-        base = save_plain(path.with_name(path.name + "_base"))
-        base_model_name_or_path = str(Path(base).resolve())
-        log.info("LoRA base model (built from scratch) written to %s", base)
-    if parallel_run is None:
-        return save_adapters(inner, path, tokenizer=tokenizer, base_model_name_or_path=base_model_name_or_path)
-    import torch.distributed as dist
-
-    gathered = gather_adapters(parallel_run.parallel, inner)
-    if gathered is not None:
-        write_adapter_folder(path, *gathered, inner.config, _model_type(inner), tokenizer, base_model_name_or_path)
-    dist.barrier()
-    return path
-
-
-__all__ = ["save_adapters", "load_adapters", "save_merged", "peft_tensors", "setup_peft", "export_hf",
-           "hf_module_name", "our_module_names", "read_adapter_config", "write_adapter_folder", "adapter_specs",
-           "gather_adapters"]
+__all__ = ["save_adapters", "load_adapters", "save_merged", "peft_tensors", "setup_peft",
+           "hf_module_name", "our_module_names", "read_adapter_config", "write_adapter_folder", "adapter_specs"]

@@ -9,7 +9,7 @@ wastes no compute on padding. NeMo-Aligner's command line, with the same data op
         +packing_algorithm=first_fit_shuffle ++model.seed=1234
 
 Writes <output_dir>/packed_{pack_size}_seed{seed}.{split}.safetensors per pack size and split (no
-pickle; format in nemo_aligner/data/packed_file.py) and prints packs, pairs, pairs per pack, packing
+pickle; format in nemo_aligner/data/preference/packed_file.py) and prints packs, pairs, pairs per pack, packing
 efficiency and the model.global_batch_size (in packs) that keeps the pairs per step unchanged.
 Train with model.data.data_impl=packed_jsonl model.encoder_seq_length=<pack_size> and data_prefix
 pointing at the files. Keys: nemo_aligner/recipes/prepare_packed_dpo.py; base config: gpt_dpo.yaml.

@@ -1,4 +1,4 @@
-"""Read preference rows from jsonl/parquet and normalise every accepted shape into PreferenceExample.
+"""Preference rows of every accepted shape normalised into PreferenceExample.
 
 Accepted row shapes (see README "Data formats"):
 - NeMo-Aligner legacy: prompt (str, already templated), chosen_response / rejected_response (str)
@@ -11,17 +11,13 @@ Accepted row shapes (see README "Data formats"):
 Optional chosen_reward / rejected_reward on any shape.
 """
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
+
+from nemo_aligner.data.rows import DataError, read_rows
 
 PROMPT_KEYS = ("prompt", "instruction")
 CHOSEN_KEYS = ("chosen_response", "chosen")
 REJECTED_KEYS = ("rejected_response", "rejected")
-
-
-class DataError(ValueError):
-    """A bad input row or file; the message names the file and line."""
 
 
 @dataclass
@@ -31,45 +27,18 @@ class PreferenceExample:
     rejected: str | list
     chosen_reward: float | None = None
     rejected_reward: float | None = None
+    shape: str = ""  # which row shape it came from (for the start-up report)
     source: str = ""  # "file:line", for error messages and reports
 
 
 @dataclass
-class KeyMap:
+class PreferenceColumns:
+    """Column names (model.data.prompt_key / chosen_key / rejected_key / input_key); None = detect."""
+
     prompt: str | None = None
     chosen: str | None = None
     rejected: str | None = None
     input: str = "input"
-
-
-def read_rows(path):
-    """Yield (line_number, row dict) from a .jsonl or .parquet file; bad JSON names file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found")
-    if path.suffix == ".parquet":
-        yield from _read_parquet(path)
-        return
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            yield line_no, row
-
-
-def _read_parquet(path):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading parquet needs `pip install pyarrow`; or convert the file to jsonl") from None
-    for row_no, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-        yield row_no, row
 
 
 def _pick(row, explicit, candidates, what, where):
@@ -83,23 +52,34 @@ def _pick(row, explicit, candidates, what, where):
     raise DataError(f"{where}: missing {what}: expected one of {list(candidates)}; row has {sorted(row)}")
 
 
-def preference_from_row(row: dict, where: str, keys: KeyMap = KeyMap()) -> PreferenceExample:
-    chosen = _pick(row, keys.chosen, CHOSEN_KEYS, "chosen", where)
-    rejected = _pick(row, keys.rejected, REJECTED_KEYS, "rejected", where)
-    has_prompt = keys.prompt in row if keys.prompt else any(k in row for k in PROMPT_KEYS)
-    if has_prompt or keys.prompt:
-        prompt = _pick(row, keys.prompt, PROMPT_KEYS, "prompt", where)
+def preference_from_row(row: dict, where: str, columns: PreferenceColumns = PreferenceColumns()) -> PreferenceExample:
+    chosen = _pick(row, columns.chosen, CHOSEN_KEYS, "chosen", where)
+    rejected = _pick(row, columns.rejected, REJECTED_KEYS, "rejected", where)
+    has_prompt = columns.prompt in row if columns.prompt else any(k in row for k in PROMPT_KEYS)
+    if has_prompt or columns.prompt:
+        prompt = _pick(row, columns.prompt, PROMPT_KEYS, "prompt", where)
     else:  # TRL implicit prompt: the shared leading turns of two full conversations
         prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected, where)
-    prompt = _with_input(prompt, row.get(keys.input), where)
+    prompt = _with_input(prompt, row.get(columns.input), where)
     return PreferenceExample(
         prompt=_check_prompt(prompt, where),
         chosen=_check_response(chosen, "chosen", where),
         rejected=_check_response(rejected, "rejected", where),
         chosen_reward=_reward(row, "chosen_reward", where),
         rejected_reward=_reward(row, "rejected_reward", where),
+        shape=_shape(row, prompt, has_prompt or bool(columns.prompt)),
         source=where,
     )
+
+
+def _shape(row: dict, prompt, explicit_prompt: bool) -> str:
+    if not explicit_prompt:
+        return "trl_implicit_prompt"
+    if "chosen_response" in row:
+        return "nemo_legacy" if isinstance(prompt, str) else "nemo_chat"
+    if "instruction" in row and "prompt" not in row:
+        return "roll"
+    return "trl" if isinstance(prompt, str) else "trl_conversational"
 
 
 def _with_input(prompt, extra, where):
@@ -168,5 +148,5 @@ def _reward(row, key, where):
     return float(value)
 
 
-def read_preference_file(path, keys: KeyMap = KeyMap()) -> list[PreferenceExample]:
-    return [preference_from_row(row, f"{path}:{line_no}", keys) for line_no, row in read_rows(path)]
+def read_preference_file(path, columns: PreferenceColumns = PreferenceColumns()) -> list[PreferenceExample]:
+    return [preference_from_row(row, f"{path}:{line_no}", columns) for line_no, row in read_rows(path)]

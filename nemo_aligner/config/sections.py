@@ -1,15 +1,17 @@
-"""Typed run configuration with NeMo-Aligner's key names; the YAML files under examples/ fill it in.
+"""The config sections every recipe shares, with NeMo-Aligner's key names: trainer, exp_manager,
+pretrained_checkpoint and model (batch layout, parallel sizes, architecture, tokenizer, optimiser,
+LoRA, and the data options common to every task). A recipe's schema (`config.dpo`, `config.sft`)
+adds its loop (`trainer.<algorithm>`), its data section and its algorithm section.
 
-Every field has a one-line doc. The schema is what makes unknown keys and wrong types fail at
-start-up (`nemo_aligner.config.load`); checks that need more than a type live in `__post_init__`
-and raise ValueError naming the full key.
+The defaults here are the real defaults: YAML files hold only what a recipe or its demo changes.
+Every field has a one-line doc. Checks that need more than a type live in `__post_init__` and raise
+ValueError naming the full key. Nothing here imports torch.
 """
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-LOSS_CHOICES_DOC = "see nemo_aligner.losses.preference.LOSS_TYPES"
-
+from nemo_aligner.models.lora_names import INIT_METHODS, resolve_target_modules
 
 def _choice(key: str, value, choices):
     if value not in choices:
@@ -29,7 +31,7 @@ def _fraction_or_count(key: str, value, allow_zero=True):
 # ---------------------------------------------------------------- trainer
 @dataclass
 class LoopConfig:
-    """trainer.dpo / trainer.sft: cadence of the training loop."""
+    """trainer.<algorithm> (trainer.dpo, trainer.sft): cadence of the training loop."""
 
     max_epochs: int = 1  # passes over the training data
     max_steps: int = -1  # optimiser steps; -1 = derived from max_epochs
@@ -49,14 +51,14 @@ class LoopConfig:
 
 @dataclass
 class TrainerConfig:
+    """trainer: the launch and precision; a recipe's schema adds its loop (trainer.dpo, trainer.sft)."""
+
     num_nodes: int = 1  # machines (NeMo's default is 8; ours runs anywhere)
     devices: int = 1  # processes (GPUs) per machine
     accelerator: str = "auto"  # auto | cpu | gpu
     precision: Any = 32  # 32 | bf16-mixed (fp32 master weights, bf16 autocast); bf16 and 16 accepted as aliases
     log_every_n_steps: int = 1  # kept for NeMo command lines; every step is logged
-    max_time: Optional[str] = None  # kept for NeMo command lines; not enforced
-    dpo: LoopConfig = field(default_factory=LoopConfig)
-    sft: LoopConfig = field(default_factory=LoopConfig)
+    max_time: Optional[str] = None  # kept for NeMo command lines; not enforced (config/nemo_compat.py)
 
     def __post_init__(self):
         self.precision = str(self.precision)
@@ -90,7 +92,7 @@ class CheckpointParams:
 
 @dataclass
 class ExpManagerConfig:
-    explicit_log_dir: Optional[str] = "results/dpo_demo"  # all outputs go here
+    explicit_log_dir: Optional[str] = None  # all outputs go here
     exp_dir: Optional[str] = None  # used when explicit_log_dir is null: <exp_dir>/<name>
     name: str = "run"
     create_tensorboard_logger: bool = True
@@ -117,30 +119,27 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    data_impl: str = "jsonl"  # jsonl | packed_jsonl (files from prepare_packed_dpo_dataset.py; encoder_seq_length = pack size)
+    """model.data options every task shares; a recipe's schema adds its own (row keys, rewards, ...)."""
+
+    data_impl: str = "jsonl"  # jsonl | parquet (read by file suffix either way); DPO also: packed_jsonl
     data_prefix: Any = None  # {train: [files], validation: [files], test: [files]}
     seq_length: Optional[int] = None  # max tokens per sequence (prompt + response); null = model.encoder_seq_length
-    default_chosen_reward: float = 1.0  # used by rpo_* when a row has no chosen_reward
-    default_rejected_reward: float = 0.0
-    overlength: str = "truncate"  # truncate (cut prompt from the left, then responses) | drop | error
-    prompt_key: Optional[str] = None  # column names; null = detect (prompt / instruction)
-    chosen_key: Optional[str] = None  # null = detect (chosen_response / chosen)
-    rejected_key: Optional[str] = None  # null = detect (rejected_response / rejected)
-    input_key: str = "input"  # ROLL's optional field appended to a string prompt
+    overlength: str = "truncate"  # truncate (cut the prompt from the left, then the response) | drop | error
     chat_template: Optional[str] = None  # built-in name (chatml, llama3, qwen2_5, extra_id, plain) or jinja; null = tokenizer's
-    add_bos: Optional[bool] = None  # prepend BOS to string prompts; null = when the tokenizer defines one
+    add_bos: Optional[bool] = None  # prepend BOS unless the text starts with it; null = when the tokenizer defines one
     add_eos: bool = True  # append EOS to string responses that do not already end with it
     shuffle: bool = True  # shuffle the training order each epoch (seeded by model.seed and the epoch)
-    packing: bool = False  # jsonl data: pack pairs at start-up into rows of pack_size tokens; batch sizes then count packs
-    pack_size: Optional[int] = None  # tokens per pack for online packing (>= 2 x seq_length); null = seq_length * 2
+    packing: bool = False  # pack examples at start-up into rows of pack_size tokens; batch sizes then count packs
+    pack_size: Optional[int] = None  # tokens per pack for online packing; null = the longest row there can be
     packing_algorithm: str = "best_fit_decreasing"  # | first_fit_decreasing | first_fit_shuffle (seeded by model.seed)
     num_workers: int = 0  # kept for NeMo command lines; data is tokenised up front
 
     def __post_init__(self):
-        _choice("model.data.data_impl", self.data_impl, ("jsonl", "packed_jsonl", "parquet"))
         _choice("model.data.overlength", self.overlength, ("truncate", "drop", "error"))
         _choice("model.data.packing_algorithm", self.packing_algorithm,
                 ("best_fit_decreasing", "first_fit_decreasing", "first_fit_shuffle"))
+        if self.seq_length is not None and self.seq_length < 2:
+            raise ValueError(f"model.data.seq_length={self.seq_length}; expected >= 2 (a context token and a label)")
         if self.pack_size is not None and self.pack_size <= 0:
             raise ValueError(f"model.data.pack_size={self.pack_size}; expected a positive integer or null")
 
@@ -171,32 +170,6 @@ class OptimConfig:
 
 
 @dataclass
-class DPOConfig:
-    ref_policy_kl_penalty: float = 0.2  # beta
-    preference_loss: Any = "dpo"  # a loss name or a list of names (weighted by preference_loss_weights)
-    preference_loss_weights: Optional[list] = None  # weights when preference_loss is a list
-    preference_average_log_probs: bool = False  # divide each log-prob sum by its response-token count
-    sft_average_log_probs: Optional[bool] = None  # null = preference_average_log_probs
-    gt_reward_scale: float = 1.0  # scale of (chosen_reward - rejected_reward) in rpo_* losses
-    preference_loss_weight: float = 1.0
-    sft_loss_weight: float = 0.0
-    label_smoothing: float = 0.0  # cDPO epsilon (dpo/sigmoid), robust's epsilon
-    loss_kwargs: dict = field(default_factory=dict)  # extra loss parameters, e.g. {simpo_gamma: 0.5}
-    ref_mode: Optional[str] = None  # precompute (cached log-probs) | online (frozen copy) | adapter (LoRA off); null = adapter with LoRA, else precompute
-    ref_cache_dir: Optional[str] = None  # where precomputed log-probs are cached; null = <log_dir>/ref_logps
-    log_prob_forward_micro_batch_size: Optional[int] = None  # pairs per forward when precomputing; null = micro_batch_size
-    logprob_chunk_size: int = 1024  # tokens per chunk of the output projection (memory vs speed)
-
-    def __post_init__(self):
-        _choice("model.dpo.ref_mode", self.ref_mode, (None, "precompute", "online", "adapter"))
-        if self.preference_loss_weight == 0 and self.sft_loss_weight == 0:
-            raise ValueError("model.dpo.preference_loss_weight and model.dpo.sft_loss_weight are both 0; "
-                             "at least one must be non-zero")
-        if self.ref_policy_kl_penalty <= 0:
-            raise ValueError(f"model.dpo.ref_policy_kl_penalty={self.ref_policy_kl_penalty}; expected > 0")
-
-
-@dataclass
 class LoraConfig:
     """model.peft.lora_tuning: which projections get adapters and how they start (NeMo's keys)."""
 
@@ -208,8 +181,6 @@ class LoraConfig:
     row_init_method: str = "zero"  # B: zero (adapter output 0 at the start) | normal | xavier | kaiming
 
     def __post_init__(self):
-        from nemo_aligner.models.lora import INIT_METHODS, resolve_target_modules
-
         resolve_target_modules(self.target_modules)
         if self.adapter_dim <= 0:
             raise ValueError(f"model.peft.lora_tuning.adapter_dim={self.adapter_dim}; expected a positive integer")
@@ -236,33 +207,40 @@ class PeftConfig:
 
 @dataclass
 class ModelConfig:
+    """model: what every recipe shares; a recipe's schema adds `data` and its algorithm section."""
+
     # ---- batch and parallel layout
-    micro_batch_size: int = 1  # pairs per forward/backward
-    global_batch_size: int = 64  # pairs per optimiser step (accumulation fills the difference)
+    micro_batch_size: int = 1  # items (examples, or packs with packed data) per forward/backward
+    global_batch_size: int = 64  # items per optimiser step (accumulation fills the difference)
     seed: int = 1234
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     pipeline_layer_split: Optional[list] = None  # transformer layers per pipeline stage, e.g. [6, 10]; null = even split
     pipeline_schedule: str = "1f1b"  # 1f1b | gpipe (micro-batches per step = global / (micro x data-parallel))
     encoder_seq_length: int = 4096  # max tokens per sequence (also the pack size with packed data)
-    # ---- architecture, used when pretrained_checkpoint.restore_from_path is null (Megatron key names)
+    # ---- architecture, used when pretrained_checkpoint.restore_from_path is null (Megatron key names;
+    # the defaults are GPTConfig's, tests/test_config.py checks that every GPTConfig field is here or derived)
     num_layers: int = 2
     hidden_size: int = 64
     ffn_hidden_size: int = 256
     num_attention_heads: int = 4
-    num_query_groups: Optional[int] = None
-    kv_channels: Optional[int] = None
-    normalization: str = "rmsnorm"
+    num_query_groups: Optional[int] = None  # key/value heads (GQA); null = num_attention_heads
+    kv_channels: Optional[int] = None  # head dim; null = hidden_size / num_attention_heads
+    normalization: str = "rmsnorm"  # rmsnorm | layernorm
     layernorm_epsilon: float = 1e-5
-    activation: str = "swiglu"
-    position_embedding_type: str = "rope"
+    activation: str = "swiglu"  # swiglu | geglu | reglu | gelu | gelu_tanh | relu | squared-relu | silu
+    position_embedding_type: str = "rope"  # rope | learned_absolute
     rotary_base: float = 10000.0
-    rope_scaling: str = "none"
+    rope_scaling: str = "none"  # none | linear | llama3
     rope_scaling_factor: float = 1.0
-    max_position_embeddings: int = 4096
+    rope_low_freq_factor: float = 1.0  # llama3 rope scaling only
+    rope_high_freq_factor: float = 4.0  # llama3 rope scaling only
+    rope_original_max_position_embeddings: int = 8192  # llama3 rope scaling only
+    max_position_embeddings: int = 2048
     add_qkv_bias: bool = False
-    add_bias_linear: bool = False
+    add_bias_linear: bool = False  # attention output and MLP biases
     share_embeddings_and_output_weights: bool = False
+    sliding_window: Optional[int] = None  # Mistral-style local attention window in tokens; null = full attention
     vocab_size: Optional[int] = None  # null = the tokenizer's vocabulary size
     init_method_std: float = 0.02
     # ---- memory / speed
@@ -275,9 +253,7 @@ class ModelConfig:
     mcore_gpt: bool = True  # kept for NeMo command lines
     # ---- sections
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    dpo: DPOConfig = field(default_factory=DPOConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
 
     def __post_init__(self):
@@ -286,28 +262,19 @@ class ModelConfig:
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key}={getattr(self, key)}; expected a positive integer")
         _choice("model.pipeline_schedule", self.pipeline_schedule, ("1f1b", "gpipe"))
-        if getattr(self, "dpo", None) is not None and self.dpo.ref_mode == "adapter" and self.peft.peft_scheme != "lora":
-            raise ValueError("model.dpo.ref_mode=adapter needs model.peft.peft_scheme=lora (the reference is the "
-                             "model with its adapters off); use precompute or online")
         if self.activations_checkpoint_granularity not in (None, "full", "selective"):
             raise ValueError(f"model.activations_checkpoint_granularity={self.activations_checkpoint_granularity!r}; "
                              "expected null, full or selective")
-        if self.data.packing and self.data.pack_size is not None and self.data.pack_size < 2 * self.seq_length:
-            raise ValueError(f"model.data.pack_size={self.data.pack_size} < 2 x seq_length ({self.seq_length}, from "
-                             "model.data.seq_length or model.encoder_seq_length): a pair of two max-length sequences "
-                             f"must fit in one pack; use model.data.pack_size >= {2 * self.seq_length} or null")
 
     @property
     def seq_length(self) -> int:
+        """Max tokens of one sequence: model.data.seq_length, else model.encoder_seq_length."""
         return self.data.seq_length or self.encoder_seq_length
 
 
 @dataclass
-class DPORunConfig:
-    """The whole of gpt_dpo.yaml."""
+class RunConfig:
+    """The sections every run config has at its root; a recipe's schema adds `trainer` and `model`."""
 
-    name: str = "megatron_gpt_dpo"
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig)
     pretrained_checkpoint: PretrainedCheckpoint = field(default_factory=PretrainedCheckpoint)
-    model: ModelConfig = field(default_factory=ModelConfig)

@@ -11,21 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nemo_aligner.data.formats import DataError, PreferenceExample
-
-OVERLENGTH_POLICIES = ("truncate", "drop", "error")
-
-
-@dataclass
-class TokenizeSettings:
-    seq_length: int  # max tokens of prompt + response
-    overlength: str = "truncate"
-    chat_template: str | None = None  # None = the tokenizer's own
-    add_bos: bool | None = None  # None = when the tokenizer has a BOS token
-    add_eos: bool = True  # append EOS to string responses
-
-    def key(self) -> dict:
-        return dict(self.__dict__)
+from nemo_aligner.data.dataset import TokenizeSettings, with_bos, with_eos
+from nemo_aligner.data.rows import DataError
+from nemo_aligner.data.preference.rows import PreferenceExample
 
 
 @dataclass
@@ -41,6 +29,19 @@ class TokenizedPair:
     def num_tokens(self) -> int:
         """Tokens of both sequences together (what a pack holds for this pair)."""
         return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+    def sequences(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(token ids, label mask) of the chosen and the rejected sequence: labels on the response only."""
+        out = []
+        for response in (self.chosen, self.rejected):
+            mask = np.zeros(len(self.prompt) + len(response), dtype=bool)
+            mask[len(self.prompt):] = True
+            out.append((np.concatenate([self.prompt, response]), mask))
+        return out
 
 
 def render(example: PreferenceExample, tokenizer, template: str | None) -> tuple[str, str, str]:
@@ -65,25 +66,18 @@ def render(example: PreferenceExample, tokenizer, template: str | None) -> tuple
     return prompt_text, *responses
 
 
-def tokenize_example(example: PreferenceExample, tokenizer, settings: TokenizeSettings) -> TokenizedPair | None:
+def tokenize_pair(example: PreferenceExample, tokenizer, settings: TokenizeSettings) -> TokenizedPair | None:
     """Token ids for one pair; None when the over-length policy drops it."""
     prompt_text, chosen_text, rejected_text = render(example, tokenizer, settings.chat_template)
-    prompt = tokenizer.encode(prompt_text)
-    add_bos = settings.add_bos if settings.add_bos is not None else tokenizer.bos_id is not None
-    if add_bos and tokenizer.bos_id is not None and (not prompt or prompt[0] != tokenizer.bos_id):
-        prompt = [tokenizer.bos_id] + prompt
+    prompt, _ = with_bos(tokenizer.encode(prompt_text), tokenizer, settings.add_bos)
     chosen, rejected = tokenizer.encode(chosen_text), tokenizer.encode(rejected_text)
     if settings.add_eos and isinstance(example.chosen, str) and tokenizer.eos_id is not None:
-        chosen, rejected = _with_eos(chosen, tokenizer.eos_id), _with_eos(rejected, tokenizer.eos_id)
+        chosen, rejected = with_eos(chosen, tokenizer.eos_id), with_eos(rejected, tokenizer.eos_id)
     if not prompt:
         raise DataError(f"{example.source}: the prompt has no tokens; a response needs at least one token before it")
     pair = TokenizedPair(np.asarray(prompt, np.int32), np.asarray(chosen, np.int32), np.asarray(rejected, np.int32),
                          example.chosen_reward, example.rejected_reward)
     return apply_overlength(pair, settings, example.source)
-
-
-def _with_eos(ids, eos_id):
-    return ids if ids and ids[-1] == eos_id else ids + [eos_id]
 
 
 def apply_overlength(pair: TokenizedPair, settings: TokenizeSettings, source: str) -> TokenizedPair | None:

@@ -1,14 +1,14 @@
 """Packed preference data: whole chosen+rejected pairs grouped into packs of `pack_size` tokens, in
-memory (`PackedPreferenceDataset`, `pack_dataset`) and on disk (`write_packed_file`, `read_packed_file`).
+memory (`PackedPreferenceDataset`; packing itself: `data.layout.pack_examples`) and on disk (`write_packed_file`, `read_packed_file`).
 
 A packed dataset is an ordinary PreferenceDataset (the pairs) plus `packs`, lists of pair indices;
-the training loop samples packs and `collate_packed` lays each pack out as one row, so everything
-after loading is shared with unpacked data.
+the training loop samples packs and `collate_pairs(..., packed=True)` lays each pack out as one row,
+so everything after loading is shared with unpacked data.
 
 File format (safetensors, so reading never unpickles anything; format "nemo_aligner.packed_dpo",
 version 1). prepare_packed_dpo_dataset.py writes one file per pack size and split, named
 `packed_{pack_size}_seed{seed}.{split}.safetensors`. Pairs are stored pack by pack, so the tokens of
-pack j are one contiguous slice of `input_ids`, exactly the row collate_packed feeds the model.
+pack j are one contiguous slice of `input_ids`, exactly the row the collate feeds the model.
   input_ids       int32   [N]       all sequences back to back: per pair, prompt+chosen then prompt+rejected
   seq_offsets     int64   [2P + 1]  sequence s is input_ids[seq_offsets[s]:seq_offsets[s + 1]]
                                     (2k = chosen, 2k + 1 = rejected of pair k)
@@ -20,7 +20,7 @@ pack j are one contiguous slice of `input_ids`, exactly the row collate_packed f
   source_rows     int64   [P]       0-based row of each pair, counted across the source files in order
 The safetensors metadata holds one key, "nemo_aligner", a JSON object with the format and version,
 tokenizer fingerprint, pack size, algorithm, seed, seq_length, counts and the source files.
-Shapes: N tokens, P pairs, K packs.
+Shapes: N tokens, P pairs, K packs. Packing in memory: `data.layout.pack_examples`.
 """
 
 import hashlib
@@ -34,9 +34,9 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from nemo_aligner.data.datasets import DatasetReport, PreferenceDataset
-from nemo_aligner.data.packing import pack, packing_stats
-from nemo_aligner.data.tokenize import TokenizedPair
+from nemo_aligner.data.preference.dataset import PreferenceDataset
+from nemo_aligner.data.preference.tokenize import TokenizedPair
+from nemo_aligner.data.report import RowReport
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,6 @@ class PackedPreferenceDataset(PreferenceDataset):
         self.metadata = metadata or {}
 
 
-# ---------------------------------------------------------------------------------------------
-# Packing a tokenised dataset
-# ---------------------------------------------------------------------------------------------
-
-
 def check_pack_size(pack_size: int, seq_length: int, key: str = "pack_size") -> None:
     """NeMo's rule: a pack must hold a pair of two max-length sequences, so pack_size >= 2 x seq_length."""
     if isinstance(pack_size, bool) or not isinstance(pack_size, (int, np.integer)) or pack_size <= 0:
@@ -75,24 +70,6 @@ def check_pack_size(pack_size: int, seq_length: int, key: str = "pack_size") -> 
         raise ValueError(f"{key}={pack_size} < 2 x seq_length ({seq_length}, from model.data.seq_length or "
                          f"model.encoder_seq_length): a pair of two {seq_length}-token sequences must fit in one "
                          f"pack; use a pack size >= {2 * seq_length} or lower the sequence length")
-
-
-def pack_dataset(dataset: PreferenceDataset, pack_size: int, algorithm: str, seed: int,
-                 name: str = "data") -> list[list[int]]:
-    """Group the dataset's pairs into packs of at most pack_size tokens (a pair is never split)."""
-    try:
-        return pack(dataset.pair_lengths(), pack_size, algorithm, seed)
-    except ValueError as err:
-        raise ValueError(f"{name}: cannot pack pairs into pack_size={pack_size}: {err} "
-                         "(an item is a pair: prompt + chosen + prompt + rejected tokens)") from None
-
-
-def pack_summary(dataset: PreferenceDataset, packs, pack_size: int) -> dict:
-    """Packs, pairs, pairs per pack and efficiency (real tokens / (packs x pack_size))."""
-    stats = packing_stats(dataset.pair_lengths(), packs, pack_size)
-    return {"num_packs": stats["num_bins"], "num_pairs": stats["num_items"],
-            "avg_pairs_per_pack": stats["avg_items_per_bin"], "efficiency": stats["efficiency"],
-            "num_tokens": int(dataset.pair_lengths().sum()), "min_packs": stats["lower_bound"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +246,7 @@ def load_packed_dataset(files, *, tokenizer_fingerprint: str, max_pack_size: int
     files = [str(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
     if not files:
         raise ValueError(f"{name}: no packed data files given (model.data.data_prefix)")
-    report = DatasetReport(files=files)
+    report = RowReport(files=files, unit="pairs")
     pairs, packs, pack_sizes, metadata = [], [], [], []
     digest = hashlib.sha256(tokenizer_fingerprint.encode())
     for file in files:
@@ -295,7 +272,9 @@ def load_packed_dataset(files, *, tokenizer_fingerprint: str, max_pack_size: int
         if list(meta.get("default_rewards", default_rewards)) != list(default_rewards):
             log.info("%s: packed with default rewards %s; rows without rewards now use model.data.default_*_reward "
                      "= %s", file, meta.get("default_rewards"), list(default_rewards))
-    report.num_pairs = len(pairs)
+    report.num_examples = len(pairs)
+    report.num_tokens = sum(p.num_tokens for p in pairs)
+    report.num_labels = sum(p.num_labels for p in pairs)
     return PackedPreferenceDataset(pairs, report, packs, max(pack_sizes), default_rewards, digest.hexdigest(),
                                    metadata={"files": metadata})
 

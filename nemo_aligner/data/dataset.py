@@ -1,0 +1,109 @@
+"""What every task's dataset shares: tokenisation settings, and rows read, parsed and tokenised up
+front with every row counted in a RowReport.
+
+Tokenising up front means bad rows fail at start-up (with file and line), the over-length policy is
+applied and counted before the first step, and the lengths packing needs are known. A task's
+dataset (`data.preference.dataset`, `data.sft.dataset`) subclasses TokenizedDataset and says how one
+row becomes an example (`parse_row`) and how one example becomes tokens (`tokenize`).
+
+A tokenised example has `num_tokens` (what it occupies in a pack), `num_labels` (scored tokens) and
+`truncated`.
+"""
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from nemo_aligner.data.report import RowReport
+from nemo_aligner.data.rows import DataError, read_rows
+
+OVERLENGTH_POLICIES = ("truncate", "drop", "error")
+
+
+@dataclass
+class TokenizeSettings:
+    """model.data.* options that turn rendered text into token ids (shared by every task)."""
+
+    seq_length: int  # max tokens of one sequence (prompt + response)
+    overlength: str = "truncate"  # truncate | drop | error
+    chat_template: str | None = None  # None = the tokenizer's own
+    add_bos: bool | None = None  # None = when the tokenizer has a BOS token
+    add_eos: bool = True  # append EOS to string responses
+
+    def key(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def with_bos(ids: list, tokenizer, add_bos: bool | None) -> tuple[list, bool]:
+    """(ids with BOS prepended unless already there, whether it was prepended); add_bos None = when defined."""
+    add = add_bos if add_bos is not None else tokenizer.bos_id is not None
+    if add and tokenizer.bos_id is not None and (not ids or ids[0] != tokenizer.bos_id):
+        return [tokenizer.bos_id] + ids, True
+    return ids, False
+
+
+def with_eos(ids: list, eos_id: int) -> list:
+    return ids if ids and ids[-1] == eos_id else ids + [eos_id]
+
+
+class TokenizedDataset:
+    """A list of tokenised examples plus the report of how the rows became them."""
+
+    unit = "examples"  # what one example is called in messages and metric names
+    pack_hint = "every example must fit in one pack: use a pack size >= model.data.seq_length"
+
+    def __init__(self, examples: list, report: RowReport, fingerprint: str = ""):
+        self.examples = examples
+        self.report = report
+        self.fingerprint = fingerprint  # identifies files + tokenisation (caches key on it)
+        self.source_rows: np.ndarray | None = None  # [num_examples] row of each example, counted across files
+
+    def __len__(self):
+        return len(self.examples)
+
+    def pack_lengths(self) -> np.ndarray:
+        """Tokens each example occupies in a pack (the unit of packing)."""
+        return np.array([e.num_tokens for e in self.examples], dtype=np.int64)
+
+    def padded_row_length(self, index: int) -> int:
+        """Tokens of the longest row example `index` becomes in the padded layout."""
+        return self.examples[index].num_tokens
+
+    @classmethod
+    def read(cls, files, parse_row: Callable, tokenize: Callable, name: str) -> tuple[list, RowReport, np.ndarray]:
+        """(examples, report, source rows): every row of `files` parsed (`parse_row(row, "file:line")`) and
+        tokenised (`tokenize(example)`, None = dropped by the over-length policy)."""
+        files = [str(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
+        if not files:
+            raise DataError(f"{name}: no data files given (model.data.data_prefix)")
+        report = RowReport(files=files, unit=cls.unit)
+        examples, source_rows = [], []
+        for file in files:
+            for line_no, row in read_rows(file):
+                example = parse_row(row, f"{file}:{line_no}")
+                report.add_row(example.shape)
+                tokenized = tokenize(example)
+                if tokenized is None:
+                    report.add_dropped(example.source)
+                    continue
+                report.add_kept(example.source, tokenized.num_tokens, tokenized.num_labels, tokenized.truncated)
+                examples.append(tokenized)
+                source_rows.append(report.num_rows - 1)
+        if not examples:
+            raise DataError(f"{name}: no usable {cls.unit} in {files} ({report.num_dropped} dropped as over-length)")
+        return examples, report, np.asarray(source_rows, dtype=np.int64)
+
+
+def fingerprint_files(files, *parts) -> str:
+    """sha256 of the files' bytes and of `parts` (tokenizer fingerprint, settings, column names)."""
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    digest.update(repr(parts).encode())
+    return digest.hexdigest()

@@ -1,0 +1,56 @@
+"""PreferenceDataset: every pair of the given files read, normalised and tokenised up front.
+
+Reference log-probs, when precomputed, are stored beside the pairs (`ref_chosen`, `ref_rejected`)
+and reach every micro-batch through the collate.
+"""
+
+import numpy as np
+
+from nemo_aligner.data.dataset import TokenizedDataset, TokenizeSettings, fingerprint_files
+from nemo_aligner.data.preference.rows import PreferenceColumns, preference_from_row
+from nemo_aligner.data.preference.tokenize import tokenize_pair
+
+
+class PreferenceDataset(TokenizedDataset):
+    unit = "pairs"
+    pack_hint = "a pair occupies prompt + chosen + prompt + rejected tokens; use a pack size >= 2 x seq_length"
+
+    def __init__(self, pairs: list, report, default_rewards=(1.0, 0.0), fingerprint: str = ""):
+        super().__init__(pairs, report, fingerprint)
+        self.default_rewards = default_rewards
+        self.ref_chosen: np.ndarray | None = None  # precomputed reference log-probs [num_pairs]
+        self.ref_rejected: np.ndarray | None = None
+
+    @property
+    def pairs(self) -> list:
+        return self.examples
+
+    def rewards(self, index: int) -> tuple[float, float]:
+        pair = self.examples[index]
+        chosen = pair.chosen_reward if pair.chosen_reward is not None else self.default_rewards[0]
+        rejected = pair.rejected_reward if pair.rejected_reward is not None else self.default_rewards[1]
+        return chosen, rejected
+
+    def padded_row_length(self, index: int) -> int:
+        pair = self.examples[index]
+        return len(pair.prompt) + max(len(pair.chosen), len(pair.rejected))
+
+    @classmethod
+    def from_files(cls, files, tokenizer, settings: TokenizeSettings, columns: PreferenceColumns = PreferenceColumns(),
+                   default_rewards=(1.0, 0.0), name: str = "data") -> "PreferenceDataset":
+        pairs, report, source_rows = cls.read(files, lambda row, where: preference_from_row(row, where, columns),
+                                              lambda example: tokenize_pair(example, tokenizer, settings), name)
+        fingerprint = fingerprint_files(report.files, tokenizer.fingerprint(), settings.key(), columns.__dict__)
+        dataset = cls(pairs, report, default_rewards, fingerprint)
+        dataset.source_rows = source_rows
+        return dataset
+
+
+def options_from_config(model_cfg) -> tuple[TokenizeSettings, PreferenceColumns, tuple[float, float]]:
+    """What turns rows into pairs (model.data.*): tokenisation settings, column names, default rewards."""
+    data = model_cfg.data
+    settings = TokenizeSettings(seq_length=model_cfg.seq_length, overlength=data.overlength,
+                                chat_template=data.chat_template, add_bos=data.add_bos, add_eos=data.add_eos)
+    columns = PreferenceColumns(prompt=data.prompt_key, chosen=data.chosen_key, rejected=data.rejected_key,
+                                input=data.input_key)
+    return settings, columns, (data.default_chosen_reward, data.default_rejected_reward)

@@ -1,0 +1,67 @@
+"""Shared test helpers: run configs composed from the shipped YAML plus dotlist overrides, metrics
+files, and one micro-batch's loss through the model + head exactly as the executors run it."""
+
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from nemo_aligner.config import DPORunConfig, SFTRunConfig, load_config
+from nemo_aligner.models.heads import ModelWithHead
+
+ROOT = Path(__file__).resolve().parents[1]
+DPO_YAML = ROOT / "examples/nlp/gpt/conf/gpt_dpo.yaml"
+SFT_YAML = ROOT / "examples/nlp/gpt/conf/gpt_sft.yaml"
+DEMO_TRAIN = ROOT / "examples/demo/data/dpo_train.jsonl"
+DEMO_VAL = ROOT / "examples/demo/data/dpo_val.jsonl"
+
+# A small, fast variant of the DPO demo for tests.
+FAST = [
+    "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_layers=1", "model.num_attention_heads=2",
+    "model.num_query_groups=1", "model.micro_batch_size=4", "model.global_batch_size=8",
+    "trainer.dpo.val_check_interval=3", "trainer.dpo.limit_val_batches=2", "exp_manager.progress_bar=false",
+    f"model.data.data_prefix.train=[{DEMO_TRAIN}]", f"model.data.data_prefix.validation=[{DEMO_VAL}]",
+]
+
+
+def compose(yaml, schema, log_dir, *overrides):
+    """The run config a command line `<script> exp_manager.explicit_log_dir=<log_dir> <overrides>` gets."""
+    raw = OmegaConf.to_container(OmegaConf.load(yaml))
+    raw.pop("defaults", None)
+    raw.pop("hydra", None)
+    merged = OmegaConf.merge(raw, OmegaConf.from_dotlist([f"exp_manager.explicit_log_dir={log_dir}", *overrides]))
+    return load_config(merged, schema)
+
+
+def dpo_config(log_dir, *overrides, yaml=DPO_YAML, schema=DPORunConfig):
+    return compose(yaml, schema, log_dir, *overrides)
+
+
+def sft_config(log_dir, *overrides, yaml=SFT_YAML, schema=SFTRunConfig):
+    return compose(yaml, schema, log_dir, *overrides)
+
+
+def read_metrics(log_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(log_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+TIMING_KEYS = ("train/step_time", "train/tokens_per_sec")
+
+
+def comparable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in TIMING_KEYS}
+
+
+def micro_batch_loss(algorithm, model, batch, num_units: int):
+    """(loss, metric sums) of one micro-batch: `model` ending in `algorithm.head()`, then `algorithm.loss`."""
+    module = model if isinstance(model, ModelWithHead) else ModelWithHead(model, algorithm.head())
+    outputs = module(batch.input_ids, labels=batch.labels, segment_ids=batch.segment_ids)
+    return algorithm.loss(batch, outputs, num_units)
+
+
+def one_process_run(model, head):
+    """The run object of a single process (what every recipe builds when not launched with torchrun)."""
+    from nemo_aligner.parallel.mesh import Parallel
+    from nemo_aligner.parallel.run import ParallelRun
+
+    return ParallelRun(Parallel(), model, head)
