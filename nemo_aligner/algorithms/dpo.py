@@ -69,7 +69,7 @@ def pair_logprobs(model, batch: PreferenceBatch, chunk_size: int):
                                                       segment_ids=batch.segment_ids))
     hidden = model(batch.input_ids, segment_ids=batch.segment_ids)
     sums, counts = sequence_logprobs(hidden, model.output_weight, batch.labels, batch.seq_index,
-                                     2 * batch.num_pairs, chunk_size)
+                                     2 * batch.num_pairs, chunk_size, model.config.final_logit_softcapping)
     return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
 
 

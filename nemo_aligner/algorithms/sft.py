@@ -53,7 +53,8 @@ class SFTAlgorithm:
         with self.autocast:
             hidden_RTE = self.model(batch.input_ids, segment_ids=batch.segment_ids)
             logps_N, correct_N = token_logprobs_and_correct(hidden_RTE[scored_RT], self.model.output_weight,
-                                                            batch.labels[scored_RT], self.settings.chunk_size)
+                                                            batch.labels[scored_RT], self.settings.chunk_size,
+                                                            self.model.config.final_logit_softcapping)
         nll_S, counts_S = per_sequence_nll(logps_N, batch.seq_index[scored_RT], batch.num_sequences)
         numerator = loss_numerator(self.settings.loss_normalization, nll_S, counts_S)
         loss = numerator / max(num_units_global, 1)

@@ -20,13 +20,15 @@ class LogProbHead(nn.Module):
     A module of its own so tensor parallel can re-lay out its input (sequence parallel gathers here).
     """
 
-    def __init__(self, chunk_size: int = 1024, with_correct: bool = False):
+    def __init__(self, chunk_size: int = 1024, with_correct: bool = False, logit_softcap: float | None = None):
         super().__init__()
         self.chunk_size = chunk_size
         self.with_correct = with_correct
+        self.logit_softcap = logit_softcap  # the model's final_logit_softcapping (Gemma 2)
 
     def forward(self, hidden_RTE, weight_VE, labels_RT):
-        return dense_token_logprobs(hidden_RTE, weight_VE, labels_RT, self.chunk_size, self.with_correct)
+        return dense_token_logprobs(hidden_RTE, weight_VE, labels_RT, self.chunk_size, self.with_correct,
+                                    self.logit_softcap)
 
 
 class TokenLogProbModel(nn.Module):
@@ -39,7 +41,7 @@ class TokenLogProbModel(nn.Module):
     def __init__(self, model, chunk_size: int = 1024, is_last: bool = True, with_correct: bool = False):
         super().__init__()
         self.model = model
-        self.head = LogProbHead(chunk_size, with_correct) if is_last else None
+        self.head = LogProbHead(chunk_size, with_correct, model.config.final_logit_softcapping) if is_last else None
         # Hidden states cross pipeline stages in the parameters' dtype (the residual stream's dtype, also
         # under autocast), so a stage's declared output shape and dtype hold for every micro-batch.
         self.activation_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
