@@ -57,19 +57,19 @@ class GPTConfig:
     sliding_window: int | None = None  # local attention window (tokens) of the "sliding" layers; None = full
     init_method_std: float = 0.02
     activations_checkpointing: bool = False  # recompute each transformer layer in backward
-    layer_types: tuple[str, ...] | None = None  # per layer "sliding" | "full"; None = all sliding iff sliding_window
-    qk_norm: str = "none"  # none | head (RMSNorm per head before RoPE: Qwen3, Gemma 3) | full (whole projection: OLMo 2)
+    layer_types: tuple[str, ...] | None = None  # per layer "sliding" | "full"; None = all slide iff sliding_window
+    qk_norm: str = "none"  # none | head (RMSNorm per q/k head before RoPE: Qwen3, Gemma 3) | full (whole projection)
     norm_placement: str = "pre"  # pre (Llama) | sandwich (also after attention and MLP: Gemma 2/3) | post (OLMo 2)
     layernorm_zero_centered_gamma: bool = False  # RMSNorm scales by (1 + weight), weight initialised to 0 (Gemma)
     embedding_multiplier: float = 1.0  # token embeddings times this (Gemma: hidden_size ** 0.5)
-    softmax_scale: float | None = None  # attention score scale; None = kv_channels ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    softmax_scale: float | None = None  # score scale; None = kv_channels ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
     attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax (Gemma 2)
-    final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap), also in chunked log-probs (Gemma 2)
+    final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap), chunked log-probs too (Gemma 2)
     rotary_base_local: float | None = None  # RoPE base of the "sliding" layers, unscaled (Gemma 3); None = rotary_base
     rotary_percent: float = 1.0  # fraction of each head's dims that RoPE rotates (Phi-3 partial_rotary_factor)
     rope_short_factor: tuple[float, ...] | None = None  # longrope: per-frequency divisors within the original context
     rope_long_factor: tuple[float, ...] | None = None  # longrope: divisors for sequences longer than it
-    rope_attention_factor: float | None = None  # longrope: cos/sin multiplier; None = sqrt(1 + ln(factor) / ln(original))
+    rope_attention_factor: float | None = None  # longrope: cos/sin multiplier; None = sqrt(1 + ln factor / ln original)
 
     def __post_init__(self):
         self.num_query_groups = self.num_query_groups or self.num_attention_heads
@@ -88,9 +88,9 @@ class GPTConfig:
         _check_choice("rope_scaling", self.rope_scaling, ROPE_SCALING_TYPES)
         _check_choice("qk_norm", self.qk_norm, QK_NORMS)
         _check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
-        self._check_new_architecture_keys()
+        self._check_architecture_options()
 
-    def _check_new_architecture_keys(self):
+    def _check_architecture_options(self):
         for key in ("sliding_window", "attn_logit_softcapping", "final_logit_softcapping", "softmax_scale",
                     "rotary_base_local", "rope_attention_factor"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:

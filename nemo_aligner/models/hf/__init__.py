@@ -53,7 +53,7 @@ def config_from_pretrained(path) -> tuple[GPTConfig, str]:
     source = str(path / "config.json")
     family = _family(hf.get("model_type"), source)
     try:
-        return family.config_from_hf(hf, source), family.model_type
+        return family.read_config(hf, source), family.model_type
     except KeyError as err:
         raise ValueError(f"{source}: missing key {err} required for model_type {family.model_type!r}") from None
 

@@ -1,6 +1,7 @@
 """The interface every Hugging Face family implements: config translation plus a tensor name map."""
 
 import dataclasses
+import json
 import re
 from abc import ABC, abstractmethod
 
@@ -49,9 +50,14 @@ class HFFamily(ABC):
     architecture: str = ""
     name_map: list[tuple[str, str]] = []
     ignored_hf_names: tuple[str, ...] = ()  # regexes of non-weight buffers some checkpoints carry
+    hf_defaults: dict = {}  # transformers' config-class defaults for keys a config.json may leave out
 
     def __init__(self):
         self._hf_to_ours, self._ours_to_hf = compile_name_map(self.name_map)
+
+    def read_config(self, hf: dict, source: str) -> GPTConfig:
+        """config.json (read from `source`) -> our config, with this family's defaults for missing keys."""
+        return self.config_from_hf({**self.hf_defaults, **hf}, source)  # explicit nulls in config.json kept
 
     @abstractmethod
     def config_from_hf(self, hf: dict, source: str) -> GPTConfig:
@@ -103,9 +109,12 @@ def require_plain(cfg: GPTConfig, model_type: str, allow=()):
         raise ValueError(f"cannot export as model_type={model_type!r}: model.rope_scaling='longrope' (phi3 only)")
 
 
-def with_defaults(hf: dict, defaults: dict) -> dict:
-    """config.json with transformers' class defaults for the keys it leaves out (explicit nulls kept)."""
-    return {**defaults, **hf}
+def refuse(hf: dict, source: str, keys, why: str = "") -> None:
+    """A ValueError naming config.json and the first of `keys` that is set (true / non-empty)."""
+    for key in keys:
+        if hf.get(key):
+            raise ValueError(f"{source}: {key}={json.dumps(hf[key])} is not supported for model_type "
+                             f"{hf.get('model_type')!r}{why}")
 
 
 def layer_types_from_hf(types, num_layers: int, source: str) -> tuple[str, ...]:

@@ -7,7 +7,7 @@ Also the translation Gemma 3 reuses (`gemma_config`, `gemma_config_to_hf`, `GEMM
 
 from nemo_aligner.models.gpt import GPTConfig
 from nemo_aligner.models.hf.family import (
-    EMBEDDING_MAP, PROJECTION_MAP, HFFamily, layer_types_from_hf, layer_types_to_hf, require, with_defaults,
+    EMBEDDING_MAP, PROJECTION_MAP, HFFamily, layer_types_from_hf, layer_types_to_hf, refuse, require,
 )
 from nemo_aligner.models.hf.llama import llama_like_config, llama_like_config_to_hf
 
@@ -31,9 +31,7 @@ GEMMA_FEATURES = ("norm_placement", "layernorm_zero_centered_gamma", "embedding_
 
 def gemma_config(hf: dict, source: str, default_layer_types, **overrides) -> GPTConfig:
     """The keys Gemma 2 and 3 share; default_layer_types(num_layers) when config.json has no layer_types."""
-    for key in ("attention_bias", "use_bidirectional_attention"):
-        if hf.get(key):
-            raise ValueError(f"{source}: {key}=true is not supported for model_type {hf.get('model_type')!r}")
+    refuse(hf, source, ["attention_bias", "use_bidirectional_attention"])
     num_layers = hf["num_hidden_layers"]
     layer_types = layer_types_from_hf(hf.get("layer_types") or default_layer_types(num_layers), num_layers, source)
     return llama_like_config(
@@ -73,9 +71,9 @@ class Gemma2Family(HFFamily):
     model_type = "gemma2"
     architecture = "Gemma2ForCausalLM"
     name_map = GEMMA_NAME_MAP
+    hf_defaults = HF_DEFAULTS
 
     def config_from_hf(self, hf, source):
-        hf = with_defaults(hf, HF_DEFAULTS)
         return gemma_config(hf, source, alternating_layers, attn_logit_softcapping=hf["attn_logit_softcapping"])
 
     def config_to_hf(self, cfg):

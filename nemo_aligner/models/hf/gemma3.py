@@ -9,7 +9,7 @@ or, in older configs, as rope_theta / rope_scaling (global layers) and rope_loca
 import logging
 
 from nemo_aligner.models.gpt import GPTConfig
-from nemo_aligner.models.hf.family import QK_NORM_MAP, HFFamily, require, rope_from_hf, rope_to_hf, with_defaults
+from nemo_aligner.models.hf.family import QK_NORM_MAP, HFFamily, require, rope_from_hf, rope_to_hf
 from nemo_aligner.models.hf.gemma2 import GEMMA_NAME_MAP, gemma_config, gemma_config_to_hf
 
 log = logging.getLogger("nemo_aligner")
@@ -27,9 +27,9 @@ class Gemma3TextFamily(HFFamily):
     model_type = "gemma3_text"
     architecture = "Gemma3ForCausalLM"
     name_map = GEMMA_NAME_MAP + QK_NORM_MAP
+    hf_defaults = HF_DEFAULTS
 
     def config_from_hf(self, hf, source):
-        hf = with_defaults(hf, HF_DEFAULTS)
         if hf.get("attn_logit_softcapping") is not None:  # transformers' Gemma 3 attention never applies it
             log.warning("%s: attn_logit_softcapping=%s ignored, as transformers' Gemma 3 ignores it", source,
                         hf["attn_logit_softcapping"])

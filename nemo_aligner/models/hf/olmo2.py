@@ -2,7 +2,7 @@
 residual add, none before the sublayers) and RMSNorm over the whole query / key projection before RoPE."""
 
 from nemo_aligner.models.hf.family import (
-    EMBEDDING_MAP, PROJECTION_MAP, QK_NORM_MAP, HFFamily, require, with_defaults,
+    EMBEDDING_MAP, PROJECTION_MAP, QK_NORM_MAP, HFFamily, refuse, require,
 )
 from nemo_aligner.models.hf.llama import llama_like_config, llama_like_config_to_hf
 
@@ -18,12 +18,10 @@ class Olmo2Family(HFFamily):
     model_type = "olmo2"
     architecture = "Olmo2ForCausalLM"
     name_map = NAME_MAP
+    hf_defaults = HF_DEFAULTS
 
     def config_from_hf(self, hf, source):
-        hf = with_defaults(hf, HF_DEFAULTS)
-        if hf.get("attention_bias"):
-            raise ValueError(f"{source}: attention_bias=true (biases on q/k/v and o, none in the MLP) is not supported "
-                             "for olmo2")
+        refuse(hf, source, ["attention_bias"], " (biases on q/k/v and o, none in the MLP)")
         return llama_like_config(hf, source, norm_placement="post", qk_norm="full")
 
     def config_to_hf(self, cfg):

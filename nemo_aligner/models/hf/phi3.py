@@ -8,7 +8,7 @@ optionally partial (`partial_rotary_factor`). A sliding window, when set, applie
 import torch
 
 from nemo_aligner.models.gpt import GPTConfig
-from nemo_aligner.models.hf.family import EMBEDDING_MAP, PRE_NORM_MAP, HFFamily, require, with_defaults
+from nemo_aligner.models.hf.family import EMBEDDING_MAP, PRE_NORM_MAP, HFFamily, require
 from nemo_aligner.models.hf.llama import llama_like_config, llama_like_config_to_hf
 
 NAME_MAP = EMBEDDING_MAP + PRE_NORM_MAP + [
@@ -57,9 +57,9 @@ class Phi3Family(HFFamily):
     model_type = "phi3"
     architecture = "Phi3ForCausalLM"
     name_map = NAME_MAP
+    hf_defaults = HF_DEFAULTS
 
     def config_from_hf(self, hf, source):
-        hf = with_defaults(hf, HF_DEFAULTS)
         return llama_like_config(hf, source, sliding_window=hf["sliding_window"], rope=_rope_from_hf(hf, source))
 
     def config_to_hf(self, cfg):

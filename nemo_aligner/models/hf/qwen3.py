@@ -2,7 +2,7 @@
 of its own, and optional sliding-window layers (`use_sliding_window`, `max_window_layers` / `layer_types`)."""
 
 from nemo_aligner.models.hf.family import (
-    LLAMA_LAYER_MAP, QK_NORM_MAP, HFFamily, layer_types_from_hf, layer_types_to_hf, require, with_defaults,
+    LLAMA_LAYER_MAP, QK_NORM_MAP, HFFamily, layer_types_from_hf, layer_types_to_hf, refuse, require,
 )
 from nemo_aligner.models.hf.llama import llama_like_config, llama_like_config_to_hf
 
@@ -15,12 +15,10 @@ class Qwen3Family(HFFamily):
     model_type = "qwen3"
     architecture = "Qwen3ForCausalLM"
     name_map = LLAMA_LAYER_MAP + QK_NORM_MAP
+    hf_defaults = HF_DEFAULTS
 
     def config_from_hf(self, hf, source):
-        hf = with_defaults(hf, HF_DEFAULTS)
-        if hf.get("attention_bias"):
-            raise ValueError(f"{source}: attention_bias=true (biases on q/k/v and o, none in the MLP) is not supported "
-                             "for qwen3")
+        refuse(hf, source, ["attention_bias"], " (biases on q/k/v and o, none in the MLP)")
         window, layer_types = _sliding_layers(hf, source)
         return llama_like_config(hf, source, qk_norm="head", sliding_window=window, layer_types=layer_types)
 

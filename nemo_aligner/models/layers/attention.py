@@ -28,7 +28,8 @@ from torch import nn
 from nemo_aligner.models.layers.mlp import RMSNorm
 from nemo_aligner.models.layers.rope import apply_rope
 
-QK_NORMS = ("none", "head", "full")  # none | RMSNorm over each head's dims (Qwen3, Gemma 3) | over the whole projection (OLMo 2)
+# none | RMSNorm over each head's dims (Qwen3, Gemma 3) | over the whole q / k projection (OLMo 2)
+QK_NORMS = ("none", "head", "full")
 
 try:  # CUDA-only flash varlen kernel; absent or unusable on CPU builds.
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
@@ -105,6 +106,8 @@ def cu_seqlens_from_segments(segment_ids_BT: torch.Tensor) -> tuple[torch.Tensor
 
 
 class SelfAttention(nn.Module):
+    """One layer's attention: q/k/v projections (q/k normed per `qk_norm`), RoPE, one of the three kernels, o."""
+
     def __init__(self, hidden_size, num_heads, num_query_groups, head_dim, qkv_bias, out_bias, softmax_scale=None, *,
                  qk_norm="none", norm_eps=1e-5, zero_centered_gamma=False, sliding_window=None,
                  logit_softcapping=None, rope_table="global"):

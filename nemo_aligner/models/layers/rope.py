@@ -109,7 +109,8 @@ class RotaryTables:
         if self.long_inv_freq is None:
             return short
         long = rope_cos_sin(self.long_inv_freq, position_ids_BT, dtype, self.attention_scaling)
-        use_long_BT1 = (sequence_lengths(position_ids_BT, segment_ids_BT) > self.original_max_position_embeddings)[..., None]
+        lengths_BT = sequence_lengths(position_ids_BT, segment_ids_BT)
+        use_long_BT1 = (lengths_BT > self.original_max_position_embeddings)[..., None]
         return tuple(torch.where(use_long_BT1, lt, st) for st, lt in zip(short, long))
 
 
