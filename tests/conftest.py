@@ -27,6 +27,7 @@ def tiny_hf_model(kind: str):
         "qwen2": lambda: tf.Qwen2Config(**common, num_key_value_heads=4, tie_word_embeddings=False),
         "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
                                       bos_token_id=0, eos_token_id=0),
+        **_family_configs(),
     }
     config = configs[kind]()
     torch.manual_seed(0)
@@ -52,3 +53,46 @@ def hf_checkpoints(tmp_path_factory):
         model.save_pretrained(folder)
         out[kind] = (folder, model)
     return out
+
+
+# ---- the families of tests/test_model_families.py: 3 layers, GQA, vocabulary of the demo tokenizer (400) so
+# the same checkpoints run DPO; windows of 8 tokens (shorter than the test sequences); initializer_range 0.2
+# so attention scores and logits are large enough for soft-capping to change them.
+_FAMILY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=400,
+               max_position_embeddings=256, initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=4)
+_LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(6)],
+             "long_factor": [2.0 + 0.3 * i for i in range(6)]}
+
+
+def _family_configs():
+    import transformers as tf
+
+    return {
+        "qwen3_window": lambda: tf.Qwen3Config(**_FAMILY, num_key_value_heads=2, head_dim=24, use_sliding_window=True,
+                                               sliding_window=8, max_window_layers=1),
+        "qwen3_tied": lambda: tf.Qwen3Config(**_FAMILY, num_key_value_heads=1, tie_word_embeddings=True),
+        "gemma2_softcap": lambda: tf.Gemma2Config(**_FAMILY, num_key_value_heads=2, head_dim=24, sliding_window=8,
+                                                  query_pre_attn_scalar=20, attn_logit_softcapping=2.0,
+                                                  final_logit_softcapping=3.0),
+        "gemma2_untied": lambda: tf.Gemma2Config(
+            **_FAMILY, num_key_value_heads=1, head_dim=16, sliding_window=8, tie_word_embeddings=False,
+            attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+            layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
+        "gemma3_text": lambda: tf.Gemma3TextConfig(
+            **_FAMILY, num_key_value_heads=2, head_dim=24, sliding_window=8, query_pre_attn_scalar=20,
+            sliding_window_pattern=2, final_logit_softcapping=3.0,
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+        "gemma3_untied": lambda: tf.Gemma3TextConfig(**_FAMILY, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                                                     tie_word_embeddings=False),
+        "phi3_longrope": lambda: tf.Phi3Config(**_FAMILY, num_key_value_heads=2, sliding_window=8,
+                                               original_max_position_embeddings=32, partial_rotary_factor=0.75,
+                                               rope_scaling=_LONGROPE),
+        "phi3_tied": lambda: tf.Phi3Config(**_FAMILY, num_key_value_heads=4, tie_word_embeddings=True),
+        "olmo2": lambda: tf.Olmo2Config(**_FAMILY, num_key_value_heads=2),
+        "olmo2_tied": lambda: tf.Olmo2Config(**_FAMILY, num_key_value_heads=4, tie_word_embeddings=True),
+    }
+
+
+FAMILY_KINDS = ["qwen3_window", "qwen3_tied", "gemma2_softcap", "gemma2_untied", "gemma3_text", "gemma3_untied",
+                "phi3_longrope", "phi3_tied", "olmo2", "olmo2_tied"]

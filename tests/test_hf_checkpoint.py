@@ -108,7 +108,7 @@ def test_unsupported_model_type(hf_checkpoints, tmp_path):
     cfg = json.loads((dst / "config.json").read_text())
     (dst / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
     with pytest.raises(ValueError, match=r"config\.json: model_type 'bert' is not supported; supported types: "
-                                         r"gpt2, llama, mistral, qwen2"):
+                                         r"gemma2, gemma3_text, gpt2, llama, mistral, olmo2, phi3, qwen2, qwen3"):
         load_pretrained(dst)
 
 

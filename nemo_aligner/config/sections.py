@@ -231,18 +231,31 @@ class ModelConfig:
     activation: str = "swiglu"  # swiglu | geglu | reglu | gelu | gelu_tanh | relu | squared-relu | silu
     position_embedding_type: str = "rope"  # rope | learned_absolute
     rotary_base: float = 10000.0
-    rope_scaling: str = "none"  # none | linear | llama3
-    rope_scaling_factor: float = 1.0
+    rope_scaling: str = "none"  # none | linear | llama3 | longrope
+    rope_scaling_factor: float = 1.0  # linear, llama3, longrope (context extension ratio)
     rope_low_freq_factor: float = 1.0  # llama3 rope scaling only
     rope_high_freq_factor: float = 4.0  # llama3 rope scaling only
-    rope_original_max_position_embeddings: int = 8192  # llama3 rope scaling only
+    rope_original_max_position_embeddings: int = 8192  # llama3, longrope: the pre-training context length
     max_position_embeddings: int = 2048
     add_qkv_bias: bool = False
     add_bias_linear: bool = False  # attention output and MLP biases
     share_embeddings_and_output_weights: bool = False
-    sliding_window: Optional[int] = None  # Mistral-style local attention window in tokens; null = full attention
+    sliding_window: Optional[int] = None  # local attention window (tokens) of the "sliding" layers; null = full attention
     vocab_size: Optional[int] = None  # null = the tokenizer's vocabulary size
     init_method_std: float = 0.02
+    layer_types: Optional[list] = None  # per layer "sliding" | "full"; null = every layer slides iff sliding_window is set
+    qk_norm: str = "none"  # none | head (RMSNorm per q/k head before RoPE: Qwen3, Gemma 3) | full (whole projection: OLMo 2)
+    norm_placement: str = "pre"  # pre (Llama) | sandwich (also after attention and MLP: Gemma 2/3) | post (OLMo 2)
+    layernorm_zero_centered_gamma: bool = False  # RMSNorm scales by (1 + weight), weight initialised to 0 (Gemma)
+    embedding_multiplier: float = 1.0  # token embeddings times this (Gemma: hidden_size ** 0.5)
+    softmax_scale: Optional[float] = None  # attention score scale; null = kv_channels ** -0.5
+    attn_logit_softcapping: Optional[float] = None  # scores -> cap * tanh(scores / cap) before the softmax (Gemma 2)
+    final_logit_softcapping: Optional[float] = None  # logits -> cap * tanh(logits / cap), in the log-probs too (Gemma 2)
+    rotary_base_local: Optional[float] = None  # RoPE base of the "sliding" layers (Gemma 3); null = rotary_base
+    rotary_percent: float = 1.0  # fraction of each head's dims that RoPE rotates (Phi-3's partial_rotary_factor)
+    rope_short_factor: Optional[list] = None  # longrope: per-frequency divisors within the original context
+    rope_long_factor: Optional[list] = None  # longrope: per-frequency divisors beyond it
+    rope_attention_factor: Optional[float] = None  # longrope: cos/sin multiplier; null = sqrt(1 + ln factor / ln original)
     # ---- memory / speed
     activations_checkpoint_granularity: Optional[str] = None  # null | full (recompute each layer) | selective (= full)
     activations_checkpoint_method: Optional[str] = None  # kept for NeMo command lines (uniform/block)

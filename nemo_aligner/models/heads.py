@@ -5,7 +5,9 @@ is what lets wrappers treat "model + head" as a unit: FSDP2 gathers the output w
 that uses it, and a pipeline's last stage emits the head's fixed-shape output (e.g. [R, T] log-probs at
 scored positions) that the loss reads. The head is any module called as
 `head(hidden_RTE, output_weight_VE, labels_RT)` that declares `output_trailing_shape()` and
-`output_dtype()` (e.g. `losses.logprobs.LogProbHead`). Not parallel code itself.
+`output_dtype()` (e.g. `losses.logprobs.LogProbHead`). A head that projects to the vocabulary declares
+`logit_softcap`, and gets the model's `final_logit_softcapping` here: the model decides how its logits
+are capped, whichever head computes them. Not parallel code itself.
 
 Shapes: R rows, T tokens, E hidden, V vocabulary.
 """
@@ -25,6 +27,8 @@ class ModelWithHead(nn.Module):
         super().__init__()
         self.model = model
         self.head = head
+        if head is not None and hasattr(head, "logit_softcap"):
+            head.logit_softcap = getattr(model.config, "final_logit_softcapping", None)
         # Hidden states cross pipeline stages in the parameters' dtype (the residual stream's dtype, also
         # under autocast), so a stage's declared output shape and dtype hold for every micro-batch.
         self.activation_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())

@@ -11,6 +11,15 @@ output projection shard the same [V, E] weight the same way (Shard(0)).
 Sequence parallel (model.sequence_parallel): between the row- and column-parallel blocks the
 activations stay sharded over the sequence (norms run on T/tp tokens); attention and MLP inputs are
 all-gathered, row-parallel outputs reduce-scattered. T must then be a multiple of tp (executors pad).
+The extra norms of the sandwich / post-norm layouts (Gemma, OLMo 2) normalise row-parallel outputs, so
+under sequence parallel they run on T/tp tokens too; without it they run replicated, as the pre-norms.
+
+q/k norms (Qwen3, Gemma 3, OLMo 2) act on the column-parallel q/k outputs, i.e. on this rank's heads.
+Their weights stay whole (Replicate DTensors, gradients all-reduced) and their input is marked sharded
+over dim 2: the heads of [B, T, H, D] for a per-head norm (the RMS over D is local), the features of
+[B, T, H*D] for OLMo 2's whole-projection norm, whose mean over the sharded dim DTensor turns into a
+partial sum all-reduced across tp ([B, T, 1] per norm, not an all-gather of q and k); each rank then
+scales by its own slice of the weight.
 
 Shapes: N scored tokens, E hidden, V vocabulary.
 """
@@ -26,7 +35,7 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel, loss_parallel, parallelize_module,
 )
 
-from nemo_aligner.losses.logprobs import LogProbFns
+from nemo_aligner.losses.logprobs import LogProbFns, softcap
 from nemo_aligner.models.lora import LoRALinear
 
 _LOSS_PARALLEL_DEPTH = 0
@@ -53,9 +62,10 @@ def vocab_parallel_context(enabled: bool = True):
 
 
 def vocab_parallel_logprobs(hidden_NE: torch.Tensor, weight_VE: DTensor, targets_N: torch.Tensor,
-                            with_correct: bool = False):
+                            with_correct: bool = False, logit_softcap: float | None = None):
     """log p(target) [N] from a vocab-sharded output weight (Shard(0) over a 1-D tp mesh); hidden is the
     full (replicated) hidden state. with_correct: also argmax == target, from per-shard maxima.
+    logit_softcap: cap * tanh(logits / cap) first (final_logit_softcapping; elementwise, so shard-local).
     Installed in a model's log-prob head by `apply_tensor_parallel` (see `losses.logprobs.LogProbFns`)."""
     if _LOSS_PARALLEL_DEPTH == 0:
         raise RuntimeError("vocab-parallel log-probs must run inside nemo_aligner.parallel.tensor_parallel."
@@ -66,6 +76,7 @@ def vocab_parallel_logprobs(hidden_NE: torch.Tensor, weight_VE: DTensor, targets
                          f"mesh; got placements {weight_VE.placements} on mesh {mesh.mesh_dim_names}")
     hidden = DTensor.from_local(hidden_NE, mesh, [Replicate()], run_check=False)
     logits_NV = F.linear(hidden, weight_VE).float()  # DTensor, Shard(-1): each rank holds V/tp columns
+    logits_NV = softcap(logits_NV, logit_softcap)
     logps_N = -F.cross_entropy(logits_NV, targets_N, reduction="none")
     logps_N = logps_N.to_local() if isinstance(logps_N, DTensor) else logps_N
     if not with_correct:
@@ -73,11 +84,15 @@ def vocab_parallel_logprobs(hidden_NE: torch.Tensor, weight_VE: DTensor, targets
     return logps_N, _vocab_parallel_argmax(logits_NV.detach(), weight_VE) == targets_N
 
 
-def _vocab_parallel_logprobs_and_correct(hidden_NE, weight_VE, targets_N):
-    return vocab_parallel_logprobs(hidden_NE, weight_VE, targets_N, with_correct=True)
+def _vocab_parallel_logprobs(hidden_NE, weight_VE, targets_N, logit_softcap=None):
+    return vocab_parallel_logprobs(hidden_NE, weight_VE, targets_N, logit_softcap=logit_softcap)
 
 
-VOCAB_PARALLEL = LogProbFns(vocab_parallel_logprobs, _vocab_parallel_logprobs_and_correct)
+def _vocab_parallel_logprobs_and_correct(hidden_NE, weight_VE, targets_N, logit_softcap=None):
+    return vocab_parallel_logprobs(hidden_NE, weight_VE, targets_N, with_correct=True, logit_softcap=logit_softcap)
+
+
+VOCAB_PARALLEL = LogProbFns(_vocab_parallel_logprobs, _vocab_parallel_logprobs_and_correct)
 
 
 def _vocab_parallel_argmax(logits_NV: DTensor, weight_VE: DTensor) -> torch.Tensor:
@@ -111,7 +126,9 @@ def reduce_partial_grads(params) -> None:
             p.grad = grad.redistribute(grad.device_mesh, placements)
 
 
-def layer_plan(sequence_parallel: bool) -> dict:
+def layer_plan(sequence_parallel: bool, layer: torch.nn.Module) -> dict:
+    """The plan of one TransformerLayer, for the modules `layer` has (a plain MLP has no gate_proj, OLMo 2 no
+    pre-norms, only some families q/k norms or output norms)."""
     row_out = Shard(1) if sequence_parallel else Replicate()
     plan = {
         "self_attention.q_proj": ColwiseParallel(),
@@ -121,16 +138,29 @@ def layer_plan(sequence_parallel: bool) -> dict:
         "mlp.gate_proj": ColwiseParallel(),
         "mlp.up_proj": ColwiseParallel(),
         "mlp.down_proj": RowwiseParallel(output_layouts=row_out),
+        "self_attention.q_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
+        "self_attention.k_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
     }
     if sequence_parallel:
         plan |= {
             "input_norm": SequenceParallel(),
             "post_attention_norm": SequenceParallel(),
+            # outputs added to the (local, sequence-sharded) residual stream: local tensors out
+            "attention_output_norm": SequenceParallel(use_local_output=True),
+            "mlp_output_norm": SequenceParallel(use_local_output=True),
             "self_attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
                                                  desired_input_layouts=(Replicate(), None, None)),
             "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
         }
-    return plan
+    return {name: style for name, style in plan.items() if _has_module(layer, name)}
+
+
+def _has_module(layer: torch.nn.Module, name: str) -> bool:
+    try:
+        layer.get_submodule(name)
+    except AttributeError:  # an absent module (None in the layer: its norm placement has no such norm)
+        return False
+    return True
 
 
 def apply_tensor_parallel(module, tp_mesh, sequence_parallel: bool = False):
@@ -139,9 +169,7 @@ def apply_tensor_parallel(module, tp_mesh, sequence_parallel: bool = False):
     model = getattr(module, "model", module)
     frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
     for layer in model.layers.values():
-        plan = layer_plan(sequence_parallel)
-        if not layer.mlp.gated:
-            del plan["mlp.gate_proj"]
+        plan = layer_plan(sequence_parallel, layer)
         parallelize_module(layer, tp_mesh, lora_tp_plan(layer, plan))  # LoRA: A/B sharded like their base
     embed_out = Shard(1) if sequence_parallel else Replicate()
     if model.embedding is not None:

@@ -16,20 +16,30 @@ from nemo_aligner.models.hf.common import (
     DTYPE_NAMES, atomic_dir, finish_atomic_dir, read_config, read_tensors, resolve_dtype, weight_files,
     write_safetensors,
 )
+from nemo_aligner.models.hf.gemma2 import Gemma2Family
+from nemo_aligner.models.hf.gemma3 import MULTIMODAL, Gemma3TextFamily
 from nemo_aligner.models.hf.gpt2 import GPT2Family
 from nemo_aligner.models.hf.llama import LlamaFamily
 from nemo_aligner.models.hf.mistral import MistralFamily
+from nemo_aligner.models.hf.olmo2 import Olmo2Family
+from nemo_aligner.models.hf.phi3 import Phi3Family
 from nemo_aligner.models.hf.qwen2 import Qwen2Family
+from nemo_aligner.models.hf.qwen3 import Qwen3Family
 from nemo_aligner.models.lora import base_weights
 
-FAMILIES = {f.model_type: f for f in (LlamaFamily(), MistralFamily(), Qwen2Family(), GPT2Family())}
+FAMILIES = {f.model_type: f for f in (LlamaFamily(), MistralFamily(), Qwen2Family(), GPT2Family(), Qwen3Family(),
+                                      Gemma2Family(), Gemma3TextFamily(), Phi3Family(), Olmo2Family())}
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
+# model types we know and refuse with a reason (rather than "not supported")
+REFUSED_MODEL_TYPES = {"gemma3": MULTIMODAL}
 
 __all__ = ["FAMILIES", "SUPPORTED_MODEL_TYPES", "config_from_pretrained", "load_pretrained", "save_pretrained",
            "infer_model_type"]
 
 
 def _family(model_type, source: str):
+    if model_type in REFUSED_MODEL_TYPES:
+        raise ValueError(f"{source}: {REFUSED_MODEL_TYPES[model_type]}")
     if model_type not in FAMILIES:
         raise ValueError(f"{source}: model_type {model_type!r} is not supported; "
                          f"supported types: {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -43,7 +53,7 @@ def config_from_pretrained(path) -> tuple[GPTConfig, str]:
     source = str(path / "config.json")
     family = _family(hf.get("model_type"), source)
     try:
-        return family.config_from_hf(hf, source), family.model_type
+        return family.read_config(hf, source), family.model_type
     except KeyError as err:
         raise ValueError(f"{source}: missing key {err} required for model_type {family.model_type!r}") from None
 
@@ -69,7 +79,7 @@ def load_pretrained(path, dtype="fp32", device="cpu", prune=None) -> GPTModel:
         names = [n for n in names if n in wanted]
     hf_tensors = read_tensors(files, names, dtype)
     try:
-        tensors, sources = family.from_hf(hf_tensors)
+        tensors, sources = family.from_hf(hf_tensors, config)
     except KeyError as err:
         name = err.args[0]
         raise ValueError(f"{files[name]}: unexpected tensor {name!r} for model_type {model_type!r}") from None
@@ -94,7 +104,16 @@ def _check_tensors(model, tensors, sources, files, path):
 
 
 def infer_model_type(config: GPTConfig) -> str:
-    """The family a from-scratch config exports as when none is named."""
+    """The family a from-scratch config exports as when none is named (each option points to the one family that
+    has it; a config without any of them exports as before)."""
+    if config.norm_placement == "sandwich":
+        return "gemma3_text" if config.qk_norm == "head" else "gemma2"
+    if config.norm_placement == "post":
+        return "olmo2"
+    if config.qk_norm == "head":
+        return "qwen3"
+    if config.rope_scaling == "longrope" or config.rotary_percent != 1.0:
+        return "phi3"
     if config.position_embedding_type == "learned_absolute":
         return "gpt2"
     if config.add_qkv_bias and not config.add_bias_linear:

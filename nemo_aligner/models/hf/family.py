@@ -1,5 +1,7 @@
 """The interface every Hugging Face family implements: config translation plus a tensor name map."""
 
+import dataclasses
+import json
 import re
 from abc import ABC, abstractmethod
 
@@ -8,20 +10,37 @@ import torch
 from nemo_aligner.models.gpt import GPTConfig
 from nemo_aligner.models.hf.common import compile_name_map, rename
 
-# Layers of the decoder shared by every Llama-style family (HF name, our name).
-LLAMA_LAYER_MAP = [
+# Names shared by every Llama-style family (HF name, our name): embeddings, final norm, output layer ...
+EMBEDDING_MAP = [
     ("model.embed_tokens.weight", "embedding.weight"),
     ("model.norm.weight", "final_norm.weight"),
     ("lm_head.weight", "output_layer.weight"),
-    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_norm.weight"),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_norm.weight"),
-] + [
+]
+# ... the attention and MLP projections ...
+PROJECTION_MAP = [
     (f"model.layers.{{i}}.self_attn.{p}_proj.{kind}", f"layers.{{i}}.self_attention.{p}_proj.{kind}")
     for p in ("q", "k", "v", "o") for kind in ("weight", "bias")
 ] + [
     (f"model.layers.{{i}}.mlp.{p}_proj.{kind}", f"layers.{{i}}.mlp.{p}_proj.{kind}")
     for p in ("gate", "up", "down") for kind in ("weight", "bias")
 ]
+# ... per-layer q/k norms (Qwen3, Gemma 3, OLMo 2) ...
+QK_NORM_MAP = [(f"model.layers.{{i}}.self_attn.{p}_norm.weight", f"layers.{{i}}.self_attention.{p}_norm.weight")
+               for p in ("q", "k")]
+# ... and the pre-norms of Llama's layout (its post_attention_layernorm is the norm before the MLP).
+PRE_NORM_MAP = [
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_norm.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_norm.weight"),
+]
+LLAMA_LAYER_MAP = EMBEDDING_MAP + PRE_NORM_MAP + PROJECTION_MAP
+
+# transformers' layer_types entries <-> ours (GPTConfig.layer_types)
+HF_LAYER_TYPES = {"sliding_attention": "sliding", "full_attention": "full"}
+
+# Architecture options only some families have: every family's export requires the others at their defaults.
+FEATURE_KEYS = ("layer_types", "qk_norm", "norm_placement", "layernorm_zero_centered_gamma", "embedding_multiplier",
+                "softmax_scale", "attn_logit_softcapping", "final_logit_softcapping", "rotary_base_local",
+                "rotary_percent", "rope_short_factor", "rope_long_factor", "rope_attention_factor")
 
 
 class HFFamily(ABC):
@@ -31,9 +50,14 @@ class HFFamily(ABC):
     architecture: str = ""
     name_map: list[tuple[str, str]] = []
     ignored_hf_names: tuple[str, ...] = ()  # regexes of non-weight buffers some checkpoints carry
+    hf_defaults: dict = {}  # transformers' config-class defaults for keys a config.json may leave out
 
     def __init__(self):
         self._hf_to_ours, self._ours_to_hf = compile_name_map(self.name_map)
+
+    def read_config(self, hf: dict, source: str) -> GPTConfig:
+        """config.json (read from `source`) -> our config, with this family's defaults for missing keys."""
+        return self.config_from_hf({**self.hf_defaults, **hf}, source)  # explicit nulls in config.json kept
 
     @abstractmethod
     def config_from_hf(self, hf: dict, source: str) -> GPTConfig:
@@ -46,8 +70,11 @@ class HFFamily(ABC):
     def is_ignored(self, hf_name: str) -> bool:
         return any(re.fullmatch(pattern, hf_name) for pattern in self.ignored_hf_names)
 
-    def from_hf(self, hf_tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """HF tensors -> (our tensors, our name -> HF source name). Unknown names raise KeyError(name)."""
+    def from_hf(self, hf_tensors: dict[str, torch.Tensor],
+                config: GPTConfig | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """HF tensors -> (our tensors, our name -> HF source name). Unknown names raise KeyError(name).
+
+        config: the model's, for families whose fused tensors split by head counts (Phi-3)."""
         ours, sources = {}, {}
         for hf_name, tensor in hf_tensors.items():
             name = rename(hf_name, self._hf_to_ours)
@@ -72,6 +99,33 @@ def require(cfg: GPTConfig, model_type: str, **expected):
         if getattr(cfg, key) != value:
             raise ValueError(f"cannot export as model_type={model_type!r}: model.{key}={getattr(cfg, key)!r}, "
                              f"expected {value!r}")
+
+
+def require_plain(cfg: GPTConfig, model_type: str, allow=()):
+    """Fail export when `cfg` uses an architecture option (FEATURE_KEYS, longrope) `model_type` lacks."""
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    require(cfg, model_type, **{key: defaults[key] for key in FEATURE_KEYS if key not in allow})
+    if cfg.rope_scaling == "longrope" and "rope_short_factor" not in allow:
+        raise ValueError(f"cannot export as model_type={model_type!r}: model.rope_scaling='longrope' (phi3 only)")
+
+
+def refuse(hf: dict, source: str, keys, why: str = "") -> None:
+    """A ValueError naming config.json and the first of `keys` that is set (true / non-empty)."""
+    for key in keys:
+        if hf.get(key):
+            raise ValueError(f"{source}: {key}={json.dumps(hf[key])} is not supported for model_type "
+                             f"{hf.get('model_type')!r}{why}")
+
+
+def layer_types_from_hf(types, num_layers: int, source: str) -> tuple[str, ...]:
+    if len(types) != num_layers or set(types) - set(HF_LAYER_TYPES):
+        raise ValueError(f"{source}: layer_types={list(types)}; expected num_hidden_layers={num_layers} entries, each "
+                         f"one of {sorted(HF_LAYER_TYPES)}")
+    return tuple(HF_LAYER_TYPES[t] for t in types)
+
+
+def layer_types_to_hf(cfg: GPTConfig) -> list[str]:
+    return ["sliding_attention" if cfg.is_sliding(i) else "full_attention" for i in range(cfg.num_layers)]
 
 
 def rope_from_hf(hf: dict, source: str) -> dict:

@@ -7,7 +7,7 @@ Conv1D weight is transposed both ways.
 import torch
 
 from nemo_aligner.models.gpt import GPTConfig
-from nemo_aligner.models.hf.family import HFFamily, require
+from nemo_aligner.models.hf.family import HFFamily, require, require_plain
 
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
                "gelu": "gelu", "relu": "relu", "silu": "silu"}
@@ -57,6 +57,7 @@ class GPT2Family(HFFamily):
                 add_qkv_bias=True, add_bias_linear=True, share_embeddings_and_output_weights=True,
                 num_query_groups=cfg.num_attention_heads, kv_channels=cfg.hidden_size // cfg.num_attention_heads,
                 sliding_window=None)
+        require_plain(cfg, "gpt2")
         act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}.get(cfg.activation)
         if act is None:
             raise ValueError(f"cannot export as model_type='gpt2': model.activation={cfg.activation!r}")
@@ -65,7 +66,7 @@ class GPT2Family(HFFamily):
                 "activation_function": act, "n_positions": cfg.max_position_embeddings, "vocab_size": cfg.vocab_size,
                 "tie_word_embeddings": True, "scale_attn_weights": True}
 
-    def from_hf(self, hf_tensors):
+    def from_hf(self, hf_tensors, config=None):
         hf_tensors = {_with_prefix(name): t for name, t in hf_tensors.items()}
         fused = {name: hf_tensors.pop(name) for name in list(hf_tensors) if ".attn.c_attn." in name}
         for name in list(hf_tensors):

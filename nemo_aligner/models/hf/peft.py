@@ -10,12 +10,13 @@ rank_pattern / alpha_pattern where a module differs) + `adapter_model.safetensor
 (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, ...). PEFT's scale is
 lora_alpha / r, so lora_alpha is written as our scale x r: PeftModel reproduces our logits exactly.
 
-GPT-2 fuses q/k/v into one Conv1D `c_attn`: its adapter is the three of ours combined, A = [Aq; Ak; Av]
-(rank rq + rk + rv) and B block-diagonal, so B A x = [Bq Aq x; Bk Ak x; Bv Av x] (missing parts are zero
-blocks). `fan_in_fan_out` is true for GPT-2 (Conv1D stores [in, out]; PEFT's A/B keep Linear shapes).
+Fused projections (`FUSED_MODULES`: GPT-2's Conv1D `c_attn`, Phi-3's `qkv_proj` and `gate_up_proj`)
+hold several of ours stacked by rows: their adapter is ours combined, A = [Aq; Ak; Av] (rank rq + rk + rv)
+and B block-diagonal, so B A x = [Bq Aq x; Bk Ak x; Bv Av x] (missing parts are zero blocks).
+`fan_in_fan_out` is true for GPT-2 (Conv1D stores [in, out]; PEFT's A/B keep Linear shapes).
 A sidecar `nemo_aligner_lora.json` records our per-module ranks and scales, so restoring our own
-export splits c_attn back exactly; a foreign c_attn adapter (dense B) is split into q/k/v adapters
-that share copies of A, which computes the same function.
+export splits a fused adapter back exactly; a foreign one (dense B) is split into adapters on each
+part that share copies of A, which computes the same function.
 """
 
 import json
@@ -41,7 +42,15 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SIDECAR = "nemo_aligner_lora.json"
 PREFIX = "base_model.model."
 _QKV = ("q_proj", "k_proj", "v_proj")
-_C_ATTN = re.compile(r"(?:transformer\.)?h\.(\d+)\.attn\.c_attn")
+# model_type -> [(HF module regex (group 1: layer), HF module template, our parent module, our parts in row order)]
+FUSED_MODULES = {
+    "gpt2": [(re.compile(r"(?:transformer\.)?h\.(\d+)\.attn\.c_attn"), "transformer.h.{i}.attn.c_attn",
+              "self_attention", _QKV)],
+    "phi3": [(re.compile(r"model\.layers\.(\d+)\.self_attn\.qkv_proj"), "model.layers.{i}.self_attn.qkv_proj",
+              "self_attention", _QKV),
+             (re.compile(r"model\.layers\.(\d+)\.mlp\.gate_up_proj"), "model.layers.{i}.mlp.gate_up_proj",
+              "mlp", ("gate_proj", "up_proj"))],
+}
 
 
 def _inner(model):
@@ -55,10 +64,10 @@ def _model_type(model, model_type=None) -> str:
 
 
 def hf_module_name(model_type: str, module: str) -> str:
-    """Our `layers.0.self_attention.q_proj` -> HF `model.layers.0.self_attn.q_proj` (GPT-2 q/k/v -> c_attn)."""
-    leaf = module.rsplit(".", 1)[-1]
-    if model_type == "gpt2" and leaf in _QKV:
-        return f"transformer.h.{module.split('.')[1]}.attn.c_attn"
+    """Our `layers.0.self_attention.q_proj` -> HF `model.layers.0.self_attn.q_proj` (fused: GPT-2 q/k/v -> c_attn)."""
+    fused = _fused_entry(model_type, module)
+    if fused is not None:
+        return fused[1].replace("{i}", module.split(".")[1])
     hf = rename(module + ".weight", FAMILIES[model_type]._ours_to_hf)
     if hf is None:
         raise ValueError(f"no Hugging Face name for module {module!r} in model_type {model_type!r}")
@@ -67,15 +76,23 @@ def hf_module_name(model_type: str, module: str) -> str:
 
 def our_module_names(model_type: str, hf_module: str) -> list[str] | None:
     """The inverse of hf_module_name (GPT-2 c_attn -> q, k, v); None when it is not a projection of ours."""
-    match = _C_ATTN.fullmatch(hf_module)
-    if model_type == "gpt2" and match:
-        return [f"layers.{match.group(1)}.self_attention.{p}" for p in _QKV]
+    for pattern, _, parent, leaves in FUSED_MODULES.get(model_type, ()):
+        match = pattern.fullmatch(hf_module)
+        if match:
+            return [f"layers.{match.group(1)}.{parent}.{leaf}" for leaf in leaves]
     if model_type == "gpt2" and not hf_module.startswith("transformer."):
         hf_module = "transformer." + hf_module
     ours = rename(hf_module + ".weight", FAMILIES[model_type]._hf_to_ours)
     if ours is None or ".self_attention." not in ours and ".mlp." not in ours:
         return None
     return [ours[: -len(".weight")]]
+
+
+def _fused_entry(model_type: str, module: str):
+    """The FUSED_MODULES entry holding our projection `module` (`layers.3.mlp.up_proj`), or None."""
+    parent, leaf = module.split(".")[-2:]
+    return next((entry for entry in FUSED_MODULES.get(model_type, ()) if entry[2] == parent and leaf in entry[3]),
+                None)
 
 
 def _target_key(hf_module: str) -> str:
@@ -91,8 +108,11 @@ def adapter_specs(model) -> dict[str, dict]:
             for name, m in lora_modules(_inner(model)).items()}
 
 
-def _qkv_sizes(config) -> list[int]:
-    return [config.num_attention_heads * config.kv_channels] + [config.num_query_groups * config.kv_channels] * 2
+def _row_sizes(config, leaves) -> list[int]:
+    """Output rows of each of our projections `leaves` (the blocks of a fused HF weight)."""
+    q, kv, ffn = (config.num_attention_heads * config.kv_channels, config.num_query_groups * config.kv_channels,
+                  config.ffn_hidden_size)
+    return [{"q_proj": q, "k_proj": kv, "v_proj": kv, "gate_proj": ffn, "up_proj": ffn}[leaf] for leaf in leaves]
 
 
 def peft_tensors(tensors: dict, specs: dict, config, model_type: str):
@@ -101,29 +121,32 @@ def peft_tensors(tensors: dict, specs: dict, config, model_type: str):
     for module in specs:
         groups.setdefault(hf_module_name(model_type, module), []).append(module)
     out, shapes = {}, {}
-    for hf_module, parts in groups.items():  # one part, except GPT-2's c_attn (q, k and/or v)
-        if not _C_ATTN.fullmatch(hf_module):
+    for hf_module, parts in groups.items():  # one part, except fused modules (c_attn: q, k and/or v)
+        fused = _fused_entry(model_type, parts[0])
+        if fused is None:
             a, b = tensors[f"{parts[0]}.lora_A.weight"], tensors[f"{parts[0]}.lora_B.weight"]
             scale = specs[parts[0]]["scale"]
         else:
-            a, b, scale = _fuse_qkv(parts, tensors, specs, _qkv_sizes(config))
+            leaves = fused[3]
+            a, b, scale = _fuse(parts, leaves, tensors, specs, _row_sizes(config, leaves))
         out[f"{PREFIX}{hf_module}.lora_A.weight"] = a.detach().cpu().contiguous()
         out[f"{PREFIX}{hf_module}.lora_B.weight"] = b.detach().cpu().contiguous()
         shapes[hf_module] = (a.shape[0], scale)
     return out, shapes
 
 
-def _fuse_qkv(parts, tensors, specs, sizes):
-    """One c_attn adapter from our q/k/v ones: A stacked, B block-diagonal (each block rescaled to q's scale)."""
+def _fuse(parts, leaves, tensors, specs, sizes):
+    """One fused adapter from ours (e.g. c_attn from q/k/v): A stacked, B block-diagonal (each block rescaled to
+    the first part's scale)."""
     layer_prefix = parts[0].rsplit(".", 1)[0]
-    present = [p for p in _QKV if f"{layer_prefix}.{p}" in parts]
+    present = [p for p in leaves if f"{layer_prefix}.{p}" in parts]
     scale = specs[f"{layer_prefix}.{present[0]}"]["scale"]
     a_parts = [tensors[f"{layer_prefix}.{p}.lora_A.weight"] for p in present]
     ranks = [t.shape[0] for t in a_parts]
     b = a_parts[0].new_zeros(sum(sizes), sum(ranks))
     col = 0
     for p, rank in zip(present, ranks):
-        row = sum(sizes[: _QKV.index(p)])
+        row = sum(sizes[: leaves.index(p)])
         ratio = specs[f"{layer_prefix}.{p}"]["scale"] / scale
         b_part = tensors[f"{layer_prefix}.{p}.lora_B.weight"]
         b[row:row + b_part.shape[0], col:col + rank] = b_part if ratio == 1.0 else b_part * ratio
@@ -278,12 +301,13 @@ def _adapter_pairs(tensors: dict, source: Path) -> dict:
 
 
 def _split(inner, ours, a, b, scale, sidecar):
-    """[(our module, A, B, scale)] for one HF adapter; only GPT-2's fused c_attn has several parts."""
+    """[(our module, A, B, scale)] for one HF adapter; only fused modules (FUSED_MODULES) have several parts."""
     if len(ours) == 1:
         return [(ours[0], a, b, scale)]
     sizes = [inner.get_submodule(name).out_features for name in ours]
     if b.shape[0] != sum(sizes):
-        raise ValueError(f"c_attn adapter B has {b.shape[0]} rows; the model's q/k/v have {sum(sizes)}")
+        leaves = ", ".join(name.rsplit(".", 1)[1] for name in ours)
+        raise ValueError(f"fused adapter B has {b.shape[0]} rows; the model's {leaves} have {sum(sizes)}")
     rows = [sum(sizes[:i]) for i in range(len(ours))]
     known = (sidecar or {}).get("modules", {})
     present = [i for i, name in enumerate(ours) if name in known]

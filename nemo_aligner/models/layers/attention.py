@@ -3,13 +3,20 @@
 Shapes: B batch, T tokens, H query heads, G key/value groups, D head dim, N sequences in a pack.
 
 Packed sequences are described by `segment_ids_BT` (one id per token; equal ids = same sequence,
-sequences contiguous). Two kernels compute the same thing:
+sequences contiguous). Three kernels compute the same thing:
 - reference path (any device): `scaled_dot_product_attention` with an explicit boolean mask;
 - CUDA path: `torch.nn.attention.varlen.varlen_attn` (flash) over cumulative sequence lengths,
   used when attention runs on CUDA in fp16/bf16 (half-precision weights, or fp32 weights under
-  autocast, i.e. bf16-mixed) and the kernel exists; anything else falls back.
-The head counts are read from the projected tensors, not the config, so the same code runs on
-tensor-parallel shards that hold a subset of the heads.
+  autocast, i.e. bf16-mixed) and the kernel exists; anything else falls back;
+- soft-capped scores (Gemma 2's attn_logit_softcapping): neither SDPA nor flash varlen can cap the
+  scores, so such a layer materialises them (matmul, cap, mask, fp32 softmax) on every device, packed
+  or not, with the same boolean mask as the reference path; that explicit path is its reference.
+Each layer's settings live on its module, not in the model config (what a KV cache needs to replay a
+layer alone): `sliding_window` (its own window, or None for full attention), `logit_softcapping`,
+`softmax_scale`, its q/k norms and `rope_table` (which RoPE table it reads). The model builds one
+`AttentionContext` per distinct window (and per varlen / mask choice) once per forward and hands each
+layer its own. The head counts are read from the projected tensors, not the config, so the same code
+runs on tensor-parallel shards that hold a subset of the heads.
 """
 
 from dataclasses import dataclass
@@ -18,7 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemo_aligner.models.layers.mlp import RMSNorm
 from nemo_aligner.models.layers.rope import apply_rope
+
+# none | RMSNorm over each head's dims (Qwen3, Gemma 3) | over the whole q / k projection (OLMo 2)
+QK_NORMS = ("none", "head", "full")
 
 try:  # CUDA-only flash varlen kernel; absent or unusable on CPU builds.
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
@@ -28,12 +39,12 @@ except ImportError:  # pragma: no cover - depends on the torch build
 
 @dataclass
 class AttentionContext:
-    """What every layer's attention needs about the batch layout; built once per forward."""
+    """What a layer's attention needs about the batch layout; built once per forward for each distinct window."""
 
     mask_B1TT: torch.Tensor | None = None  # None means plain causal attention
     cu_seqlens_N1: torch.Tensor | None = None  # int32 boundaries over the flattened batch (varlen path)
     max_seqlen: int = 0
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # varlen path: the window of the layers this context is for
     compute_dtype: torch.dtype | None = None  # varlen path: q/k/v are cast to this (the kernel has no autocast)
 
 
@@ -95,27 +106,70 @@ def cu_seqlens_from_segments(segment_ids_BT: torch.Tensor) -> tuple[torch.Tensor
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, hidden_size, num_heads, num_query_groups, head_dim, qkv_bias, out_bias, softmax_scale=None):
+    """One layer's attention: q/k/v projections (q/k normed per `qk_norm`), RoPE, one of the three kernels, o."""
+
+    def __init__(self, hidden_size, num_heads, num_query_groups, head_dim, qkv_bias, out_bias, softmax_scale=None, *,
+                 qk_norm="none", norm_eps=1e-5, zero_centered_gamma=False, sliding_window=None,
+                 logit_softcapping=None, rope_table="global"):
         super().__init__()
+        if qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm={qk_norm!r}; expected one of {list(QK_NORMS)}")
         self.head_dim = head_dim
         self.softmax_scale = softmax_scale
+        self.sliding_window = sliding_window
+        self.logit_softcapping = logit_softcapping
+        self.rope_table = rope_table
+        self.qk_norm = qk_norm
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden_size, num_query_groups * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, num_query_groups * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=out_bias)
+        if qk_norm != "none":
+            q_size, k_size = (head_dim, head_dim) if qk_norm == "head" else (num_heads * head_dim,
+                                                                             num_query_groups * head_dim)
+            self.q_norm = RMSNorm(q_size, norm_eps, zero_centered_gamma)
+            self.k_norm = RMSNorm(k_size, norm_eps, zero_centered_gamma)
+
+    @property
+    def uses_varlen(self) -> bool:
+        """False where the flash varlen kernel cannot compute this layer (soft-capped scores)."""
+        return self.logit_softcapping is None
 
     def forward(self, x_BTE, cos_sin, ctx: AttentionContext):
         B, T, _ = x_BTE.shape
-        q_BHTD = self.q_proj(x_BTE).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k_BGTD = self.k_proj(x_BTE).view(B, T, -1, self.head_dim).transpose(1, 2)
-        v_BGTD = self.v_proj(x_BTE).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q_BHTD, k_BGTD, v_BGTD = self._project(x_BTE)
         if cos_sin is not None:
             q_BHTD, k_BGTD = apply_rope(q_BHTD, *cos_sin), apply_rope(k_BGTD, *cos_sin)
-        if ctx.cu_seqlens_N1 is not None:
+        if self.logit_softcapping is not None:
+            out_BTHD = self._softcapped(q_BHTD, k_BGTD, v_BGTD, ctx).transpose(1, 2)
+        elif ctx.cu_seqlens_N1 is not None:
             out_BTHD = self._varlen(q_BHTD, k_BGTD, v_BGTD, ctx)
         else:
             out_BTHD = self._sdpa(q_BHTD, k_BGTD, v_BGTD, ctx).transpose(1, 2)
         return self.o_proj(out_BTHD.reshape(B, T, -1))
+
+    def _project(self, x_BTE):
+        """q [B, H, T, D], k and v [B, G, T, D], with the q/k norms applied before RoPE."""
+        B, T, _ = x_BTE.shape
+        q, k, v = self.q_proj(x_BTE), self.k_proj(x_BTE), self.v_proj(x_BTE)
+        if self.qk_norm == "full":  # OLMo 2: one RMS over every head of the projection
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_BTHD, k_BTGD, v_BTGD = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))
+        if self.qk_norm == "head":  # Qwen3, Gemma 3: each head normalised over its own dims
+            q_BTHD, k_BTGD = self.q_norm(q_BTHD), self.k_norm(k_BTGD)
+        return q_BTHD.transpose(1, 2), k_BTGD.transpose(1, 2), v_BTGD.transpose(1, 2)
+
+    def _softcapped(self, q_BHTD, k_BGTD, v_BGTD, ctx):
+        """scores -> cap * tanh(scores / cap) before the mask and the fp32 softmax (Gemma 2)."""
+        H, G, T = q_BHTD.shape[1], k_BGTD.shape[1], q_BHTD.shape[2]
+        k_BHTD, v_BHTD = k_BGTD.repeat_interleave(H // G, dim=1), v_BGTD.repeat_interleave(H // G, dim=1)
+        scale = self.softmax_scale if self.softmax_scale is not None else self.head_dim**-0.5
+        scores_BHTT = torch.matmul(q_BHTD, k_BHTD.transpose(-2, -1)) * scale
+        scores_BHTT = torch.tanh(scores_BHTT / self.logit_softcapping) * self.logit_softcapping
+        allowed = ctx.mask_B1TT if ctx.mask_B1TT is not None else _causal_mask(T, None, q_BHTD.device)
+        scores_BHTT = scores_BHTT.masked_fill(~allowed, float("-inf"))
+        probs_BHTT = torch.softmax(scores_BHTT, dim=-1, dtype=torch.float32).to(q_BHTD.dtype)
+        return torch.matmul(probs_BHTT, v_BHTD)
 
     def _sdpa(self, q, k, v, ctx):
         gqa = q.shape[1] != k.shape[1]  # shared key/value heads without materialising repeated copies

@@ -8,6 +8,7 @@ from torch import nn
 ACTIVATIONS = {
     "swiglu": (F.silu, True),
     "geglu": (F.gelu, True),
+    "geglu_tanh": (lambda x: F.gelu(x, approximate="tanh"), True),  # Gemma's gelu_pytorch_tanh, gated
     "reglu": (F.relu, True),
     "gelu": (F.gelu, False),
     "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), False),
@@ -19,23 +20,31 @@ NORMALIZATIONS = ("rmsnorm", "layernorm")
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and cast back before the weight, as Llama-family checkpoints expect."""
+    """RMSNorm computed in fp32 and cast back before the weight, as Llama-family checkpoints expect.
 
-    def __init__(self, size: int, eps: float):
+    zero_centered_gamma (Megatron's layernorm_zero_centered_gamma; Gemma): the scale is 1 + weight (weight
+    initialised to 0), applied in fp32 and rounded once at the end, as Gemma checkpoints expect."""
+
+    def __init__(self, size: int, eps: float, zero_centered_gamma: bool = False):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(size))
+        self.zero_centered_gamma = zero_centered_gamma
+        self.weight = nn.Parameter(torch.zeros(size) if zero_centered_gamma else torch.ones(size))
 
     def forward(self, x):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.zero_centered_gamma:
+            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
-def make_norm(kind: str, size: int, eps: float) -> nn.Module:
+def make_norm(kind: str, size: int, eps: float, zero_centered_gamma: bool = False) -> nn.Module:
     if kind == "rmsnorm":
-        return RMSNorm(size, eps)
+        return RMSNorm(size, eps, zero_centered_gamma)
     if kind == "layernorm":
+        if zero_centered_gamma:
+            raise ValueError("layernorm_zero_centered_gamma is supported with normalization='rmsnorm' only")
         return nn.LayerNorm(size, eps=eps)
     raise ValueError(f"normalization={kind!r}; expected one of {NORMALIZATIONS}")
 
