@@ -59,9 +59,8 @@ def worker(rank, world, tp, pp, args, data_dir, port, out_file):
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
     from nemo_aligner.algorithms.dpo import DPOAlgorithm, DPOSettings
-    from nemo_aligner.parallel.run import ParallelRun
     from nemo_aligner.recipes.dpo import load_layouts, setup_reference
-    from nemo_aligner.recipes.skeleton import build_policy, start_run
+    from nemo_aligner.recipes.skeleton import build_policy, build_run, start_run
     from nemo_aligner.training.loop import Trainer, TrainingPlan
     from nemo_aligner.training.optim import build_optimizer, build_scheduler
     from tests.helpers import dpo_config
@@ -73,8 +72,7 @@ def worker(rank, world, tp, pp, args, data_dir, port, out_file):
     rss_before_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     model = build_policy(start)
     algorithm = DPOAlgorithm(DPOSettings.from_config(cfg.model.dpo), start.tokenizer.pad_id)
-    run = ParallelRun(start.parallel, model, algorithm.head(), autocast=start.autocast,
-                      max_row_tokens=train.max_row_tokens())
+    run = build_run(start, model, algorithm, (train,))
     setup_reference(cfg, start, run, algorithm, None, {"train": train})  # precomputed, as the recipe's default
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.98))
     plan = TrainingPlan.from_config(cfg.trainer.dpo, num_items=len(train.items),

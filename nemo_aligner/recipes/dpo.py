@@ -16,8 +16,7 @@ from nemo_aligner.data.layout import DataLayout, layout, packed_layout
 from nemo_aligner.data.preference.dataset import PreferenceDataset, options_from_config
 from nemo_aligner.data.preference.packed_file import load_packed_dataset
 from nemo_aligner.data.rows import split_files
-from nemo_aligner.parallel.run import ParallelRun
-from nemo_aligner.recipes.skeleton import build_policy, log_reports, start_run, train
+from nemo_aligner.recipes.skeleton import build_policy, build_run, log_reports, start_run, train
 
 log = logging.getLogger("nemo_aligner")
 SPLITS = ("train", "validation")
@@ -82,11 +81,7 @@ def run_dpo(cfg: DPORunConfig) -> dict:
         log.info("loss %s is reference-free: no reference pass", algorithm.settings.loss_types)
     online = algorithm.settings.needs_reference and cfg.model.ref_mode == "online"
     reference_copy = copy.deepcopy(model) if online else None  # before the policy is sharded
-    max_rows = max(d.max_row_tokens() for d in (train_data, val_data) if d is not None)
-    run = ParallelRun(start.parallel, model, algorithm.head(), autocast=start.autocast, max_row_tokens=max_rows)
+    run = build_run(start, model, algorithm, (train_data, val_data))
     algorithm.reference = setup_reference(cfg, start, run, algorithm, reference_copy,
                                           {"train": train_data, "validation": val_data})
-    data_metrics = train_data.dataset.report.metrics()
-    if train_data.packed:
-        data_metrics["data/pairs_per_pack"] = train_data.examples_per_item()
-    return train(start, run, algorithm, train_data, val_data, cfg.trainer.dpo, data_metrics)
+    return train(start, run, algorithm, train_data, val_data, cfg.trainer.dpo)

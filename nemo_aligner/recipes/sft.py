@@ -11,8 +11,7 @@ from nemo_aligner.config.sft import SFTRunConfig
 from nemo_aligner.data.layout import DataLayout, layout
 from nemo_aligner.data.rows import split_files
 from nemo_aligner.data.sft.dataset import SFTDataset, options_from_config
-from nemo_aligner.parallel.run import ParallelRun
-from nemo_aligner.recipes.skeleton import build_policy, log_reports, start_run, train
+from nemo_aligner.recipes.skeleton import build_policy, build_run, log_reports, start_run, train
 
 
 def load_layouts(cfg: SFTRunConfig, tokenizer) -> tuple[DataLayout, DataLayout | None]:
@@ -35,11 +34,7 @@ def run_sft(cfg: SFTRunConfig) -> dict:
     log_reports({"train": train_data, "validation": val_data})
     model = build_policy(start)
     algorithm = SFTAlgorithm(SFTSettings.from_config(cfg.model.sft), start.tokenizer.pad_id)
-    max_rows = max(d.max_row_tokens() for d in (train_data, val_data) if d is not None)
-    run = ParallelRun(start.parallel, model, algorithm.head(), autocast=start.autocast, max_row_tokens=max_rows)
-    data_metrics = train_data.dataset.report.metrics()
-    if train_data.packed:
-        data_metrics["data/examples_per_pack"] = train_data.examples_per_item()
+    run = build_run(start, model, algorithm, (train_data, val_data))
     if cfg.model.data.chat_template is not None:  # export the template the model was trained with
         start.tokenizer.chat_template = cfg.model.data.chat_template
-    return train(start, run, algorithm, train_data, val_data, cfg.trainer.sft, data_metrics)
+    return train(start, run, algorithm, train_data, val_data, cfg.trainer.sft)

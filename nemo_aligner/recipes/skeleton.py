@@ -3,7 +3,8 @@ algorithm):
 
     start = start_run(cfg)                     # logging, launch + layout, log dir, device, precision, tokenizer
     model = build_policy(start)                # this rank's model (pipeline stage), LoRA applied
-    ... the recipe: data layouts, algorithm, ParallelRun(start.parallel, model, algorithm.head(), ...)
+    ... the recipe: data layouts, algorithm
+    run = build_run(start, model, algorithm, layouts)   # the one run object, the model ending in the algorithm's head
     return train(start, run, algorithm, ...)   # optimiser, schedule, checkpoints, logger, resume, fit, export
 
 One process or many, the same calls: the parallel layout lives in `start.parallel` and the run object.
@@ -26,7 +27,7 @@ from nemo_aligner.models.hf import load_pretrained
 from nemo_aligner.models.hf.peft import setup_peft
 from nemo_aligner.parallel.export import export_hf
 from nemo_aligner.parallel.mesh import Parallel, init_parallel
-from nemo_aligner.parallel.run import stage_pruner
+from nemo_aligner.parallel.run import ParallelRun, stage_pruner
 from nemo_aligner.training.checkpoint import Checkpointer
 from nemo_aligner.training.logging import MetricsLogger, ProgressBar
 from nemo_aligner.training.loop import Trainer, TrainingPlan
@@ -83,8 +84,22 @@ def build_policy(start: RunStart) -> GPTModel:
     return model
 
 
-def train(start: RunStart, run, algorithm, train_data, val_data, loop_cfg, data_metrics: dict,
-          tokenizer=None) -> dict:
+def build_run(start: RunStart, model, algorithm, layouts) -> ParallelRun:
+    """The run object for `model` ending in `algorithm.head()`; `layouts` (None for a missing split) fix the
+    longest row a pipeline stage exchanges."""
+    max_rows = max(layout.max_row_tokens() for layout in layouts if layout is not None)
+    return ParallelRun(start.parallel, model, algorithm.head(), autocast=start.autocast, max_row_tokens=max_rows)
+
+
+def data_metrics(layout) -> dict:
+    """What every step logs about the training data: truncated / dropped rows, examples per pack."""
+    out = layout.dataset.report.metrics()
+    if layout.packed:
+        out[f"data/{layout.dataset.unit}_per_pack"] = layout.examples_per_item()
+    return out
+
+
+def train(start: RunStart, run, algorithm, train_data, val_data, loop_cfg, tokenizer=None) -> dict:
     """Optimiser, schedule, checkpoints, logger and progress; resume; fit; Hugging Face export; summary.
     loop_cfg: trainer.<algorithm>; tokenizer: what hf/ carries (default the run's)."""
     cfg, model, log_dir = start.cfg, run.model, start.log_dir
@@ -114,7 +129,8 @@ def train(start: RunStart, run, algorithm, train_data, val_data, loop_cfg, data_
     progress = ProgressBar(total=plan.max_steps, initial=start_step, enabled=exp.progress_bar and is_rank_zero)
     trainer = Trainer(model=model, algorithm=algorithm, optimizer=optimizer, scheduler=scheduler, run=run,
                       train_data=train_data, val_data=val_data, loop=loop_cfg, plan=plan, logger=logger,
-                      progress=progress, checkpointer=checkpointer, monitor=params.monitor, data_metrics=data_metrics)
+                      progress=progress, checkpointer=checkpointer, monitor=params.monitor,
+                      data_metrics=data_metrics(train_data))
     if resume_from is not None:
         trainer.resume(resume_from)
     log.info("training: %d steps (%d per epoch), global batch %d %s, micro batch %d, loss per %s, log dir %s",
