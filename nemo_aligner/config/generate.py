@@ -1,0 +1,88 @@
+"""The generate run config (examples/nlp/gpt/conf/generate.yaml) and the checks of sampling settings that
+every engine shares (`check_sampling`, also called by `generation.SamplingParams`).
+
+    python examples/nlp/gpt/generate.py pretrained_checkpoint.restore_from_path=DIR \
+        generation.input_file=prompts.jsonl generation.output_file=out.jsonl generation.temperature=0
+
+Keys follow NeMo-Aligner's PPO sampling names where they exist (`sampling_params.{temperature, top_k,
+top_p}`, `end_strings` -> `stop`) and vLLM's otherwise. Nothing here imports torch.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from nemo_aligner.config.sections import PretrainedCheckpoint, TokenizerConfig, TrainerConfig, _choice
+
+BACKENDS = ("builtin", "vllm")
+
+
+def check_sampling(params, prefix: str = "generation") -> None:
+    """ValueError naming `<prefix>.<key>` for a sampling setting out of range (any object with the fields)."""
+    if params.max_new_tokens <= 0:
+        raise ValueError(f"{prefix}.max_new_tokens={params.max_new_tokens}; expected a positive integer")
+    if params.temperature < 0:
+        raise ValueError(f"{prefix}.temperature={params.temperature}; expected >= 0 (0 = greedy)")
+    if params.top_k < 0:
+        raise ValueError(f"{prefix}.top_k={params.top_k}; expected >= 0 (0 = no top-k truncation)")
+    if not 0.0 < params.top_p <= 1.0:
+        raise ValueError(f"{prefix}.top_p={params.top_p}; expected 0 < top_p <= 1 (1 = no nucleus truncation)")
+    if params.num_samples <= 0:
+        raise ValueError(f"{prefix}.num_samples={params.num_samples}; expected a positive integer")
+    if params.temperature == 0 and params.num_samples > 1:
+        raise ValueError(f"{prefix}.num_samples={params.num_samples} with {prefix}.temperature=0 (greedy) would give "
+                         "identical completions; set a temperature > 0 or num_samples=1")
+    stop = list(params.stop or [])
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise ValueError(f"{prefix}.stop={stop!r}; expected a list of non-empty strings")
+
+
+@dataclass
+class GenerationConfig:
+    """generation: what to read, what to write and how to sample."""
+
+    input_file: Optional[str] = None  # jsonl: one row per prompt, `prompt` = a string (used verbatim) or a list of messages
+    output_file: Optional[str] = None  # jsonl: each input row plus completions, completion_token_ids, completion_logprobs, finish_reasons
+    prompt_key: str = "prompt"  # the column that holds the prompt
+    max_new_tokens: int = 256  # tokens generated per completion at most (finish reason `length`)
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # keep the k most likely tokens (0 = off)
+    top_p: float = 1.0  # nucleus: the smallest set of tokens with this much probability (1 = off)
+    num_samples: int = 1  # completions per prompt
+    seed: int = 1234  # sampling is a function of (seed, prompt index, sample index), whatever the batch
+    batch_size: int = 32  # completions decoded together (a prompt's samples share one batch and one prefill)
+    backend: str = "builtin"  # builtin (KV-cache sampler, runs everywhere) | vllm (pip install nemo_aligner[vllm])
+    stop: list = field(default_factory=list)  # stop strings (the text ends before them); EOS ids always stop
+    chat_template: Optional[str] = None  # message prompts: built-in name or jinja; null = the tokenizer's (as training)
+    add_bos: Optional[bool] = None  # prepend BOS unless there; null = when the tokenizer has one (as training)
+    precision: str = "32"  # 32 | bf16 (weights cast to bf16 for generation)
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        check_sampling(self)
+        _choice("generation.backend", self.backend, BACKENDS)
+        _choice("generation.precision", str(self.precision), ("32", "bf16"))
+        self.precision = str(self.precision)
+        if self.batch_size <= 0:
+            raise ValueError(f"generation.batch_size={self.batch_size}; expected a positive integer")
+
+
+@dataclass
+class GenerateModelConfig:
+    """model: the parallel layout and tokenizer of a generate run (the architecture comes from the checkpoint)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1  # must be 1: generation runs whole layers on each rank
+    micro_batch_size: int = 1  # kept so the parallel layout checks read as in training
+    global_batch_size: int = 1
+    sequence_parallel: bool = False  # must be false for generation (one token per step cannot be split)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass
+class GenerateRunConfig:
+    """The whole of generate.yaml."""
+
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    pretrained_checkpoint: PretrainedCheckpoint = field(default_factory=PretrainedCheckpoint)
+    model: GenerateModelConfig = field(default_factory=GenerateModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
