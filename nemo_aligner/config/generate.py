@@ -1,5 +1,5 @@
-"""The generate run config (examples/nlp/gpt/conf/generate.yaml) and the checks of sampling settings that
-every engine shares (`check_sampling`, also called by `generation.SamplingParams`).
+"""The generate run config (examples/nlp/gpt/conf/generate.yaml); its sampling keys are checked by
+`sections.check_sampling`, as exp_manager.val_samples and `generation.SamplingParams` are.
 
     python examples/nlp/gpt/generate.py pretrained_checkpoint.restore_from_path=DIR \
         generation.input_file=prompts.jsonl generation.output_file=out.jsonl generation.temperature=0
@@ -11,29 +11,9 @@ top_p}`, `end_strings` -> `stop`) and vLLM's otherwise. Nothing here imports tor
 from dataclasses import dataclass, field
 from typing import Optional
 
-from nemo_aligner.config.sections import PretrainedCheckpoint, TokenizerConfig, TrainerConfig, _choice
+from nemo_aligner.config.sections import PretrainedCheckpoint, TokenizerConfig, TrainerConfig, _choice, check_sampling
 
 BACKENDS = ("builtin", "vllm")
-
-
-def check_sampling(params, prefix: str = "generation") -> None:
-    """ValueError naming `<prefix>.<key>` for a sampling setting out of range (any object with the fields)."""
-    if params.max_new_tokens <= 0:
-        raise ValueError(f"{prefix}.max_new_tokens={params.max_new_tokens}; expected a positive integer")
-    if params.temperature < 0:
-        raise ValueError(f"{prefix}.temperature={params.temperature}; expected >= 0 (0 = greedy)")
-    if params.top_k < 0:
-        raise ValueError(f"{prefix}.top_k={params.top_k}; expected >= 0 (0 = no top-k truncation)")
-    if not 0.0 < params.top_p <= 1.0:
-        raise ValueError(f"{prefix}.top_p={params.top_p}; expected 0 < top_p <= 1 (1 = no nucleus truncation)")
-    if params.num_samples <= 0:
-        raise ValueError(f"{prefix}.num_samples={params.num_samples}; expected a positive integer")
-    if params.temperature == 0 and params.num_samples > 1:
-        raise ValueError(f"{prefix}.num_samples={params.num_samples} with {prefix}.temperature=0 (greedy) would give "
-                         "identical completions; set a temperature > 0 or num_samples=1")
-    stop = list(params.stop or [])
-    if any(not isinstance(s, str) or not s for s in stop):
-        raise ValueError(f"{prefix}.stop={stop!r}; expected a list of non-empty strings")
 
 
 @dataclass
@@ -58,7 +38,7 @@ class GenerationConfig:
     progress_bar: bool = True
 
     def __post_init__(self):
-        check_sampling(self)
+        check_sampling(self, "generation")
         _choice("generation.backend", self.backend, BACKENDS)
         _choice("generation.precision", str(self.precision), ("32", "bf16"))
         self.precision = str(self.precision)

@@ -9,7 +9,7 @@ before top-k / top-p truncation (what GRPO's and PPO's importance ratios compare
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from nemo_aligner.config.generate import check_sampling
+from nemo_aligner.config.sections import check_sampling
 
 FINISH_REASONS = ("stop", "length")  # an EOS id or a stop string | max_new_tokens (or the model's context)
 
@@ -52,8 +52,10 @@ class Completion:
 class GenerationEngine(Protocol):
     """Built-in `generation.Sampler` or `generation.vllm_engine.VLLMEngine`."""
 
-    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """Completions ordered by (prompt_index, sample_index)."""
+    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams, first_index: int = 0
+                 ) -> list[Completion]:
+        """Completions ordered by (prompt_index, sample_index); prompt i is number first_index + i (its index
+        and its seeds), so splitting a list of prompts over calls or ranks changes nothing."""
 
     def sync_weights(self, model) -> None:
         """Make the engine generate with `model`'s current weights (after an optimiser step)."""

@@ -101,8 +101,11 @@ class Sampler:
         if model is not None:
             self.model = model
 
-    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[Completion]:
-        prompts = [self._checked_prompt(i, p) for i, p in enumerate(prompt_token_ids)]
+    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams, first_index: int = 0
+                 ) -> list[Completion]:
+        """first_index: the index of the first prompt (prompt_index and seeds count from it), so a prompt list
+        split into calls (progress, data-parallel shares) samples what one call would."""
+        prompts = [self._checked_prompt(first_index + i, p) for i, p in enumerate(prompt_token_ids)]
         if params.stop and self.tokenizer is None:
             raise ValueError("SamplingParams.stop (stop strings) needs a Sampler built with a tokenizer")
         out = []
@@ -112,7 +115,8 @@ class Sampler:
         try:
             with torch.no_grad(), gathered, self.autocast:
                 for group in self._batches(len(prompts), params.num_samples):
-                    out.extend(self._generate_batch(group, [prompts[i] for i in group], params))
+                    out.extend(self._generate_batch([first_index + i for i in group], [prompts[i] for i in group],
+                                                    params))
         finally:
             self.model.train(was_training)
         return out

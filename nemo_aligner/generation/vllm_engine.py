@@ -81,17 +81,18 @@ class VLLMEngine:
             stop=list(params.stop) or None, stop_token_ids=list(stops) or None, ignore_eos=True, logprobs=0,
             skip_special_tokens=True, detokenize=self.tokenizer is not None or bool(params.stop))
 
-    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams, first_index: int = 0
+                 ) -> list[Completion]:
         truncated = params.temperature > 0 and (params.top_k > 0 or params.top_p < 1.0)
         if truncated and self.scorer is None:
             raise ValueError("vLLM's log-probs with top_k / top_p are those of the truncated distribution; give the "
                              "engine our model (sync_weights(model), or scorer=) so completions are rescored at the "
                              "sampling temperature, or sample without top_k / top_p")
         prompts = [{"prompt_token_ids": [int(t) for t in ids]} for ids in prompt_token_ids]
-        outputs = self.llm.generate(prompts, [self._vllm_params(params, i) for i in range(len(prompts))],
+        outputs = self.llm.generate(prompts, [self._vllm_params(params, first_index + i) for i in range(len(prompts))],
                                     use_tqdm=False)
         out = []
-        for i, (ids, request) in enumerate(zip(prompt_token_ids, outputs)):
+        for i, (ids, request) in enumerate(zip(prompt_token_ids, outputs), start=first_index):
             for j, sample in enumerate(sorted(request.outputs, key=lambda o: o.index)):
                 out.append(self._completion(i, j, ids, sample, params, truncated))
         return out
