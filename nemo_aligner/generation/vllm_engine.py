@@ -107,6 +107,8 @@ class VLLMEngine:
         if sample.finish_reason == "stop" and stop_reason is None and token_ids:
             stop_reason = token_ids[-1]
         text = sample.text if sample.text is not None else ""
-        if self.tokenizer is not None and not params.stop:
-            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)  # the built-in sampler's decoding
+        if self.tokenizer is not None:  # decoded as the built-in sampler decodes (vLLM's is incremental)
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            if isinstance(stop_reason, str) and stop_reason in text:
+                text = text[:text.find(stop_reason)]
         return Completion(i, j, token_ids, text, logprobs, sample.finish_reason, stop_reason)
