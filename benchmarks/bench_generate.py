@@ -44,17 +44,7 @@ def prompts(num: int, vocab: int, seed: int = 0) -> list[list[int]]:
             for _ in range(num)]
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (allocations, first-call overheads)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def run_builtin(folder, batch, new_tokens, repeats):
+def run_builtin(folder, batch, new_tokens):
     from nemo_aligner.generation import Sampler, SamplingParams
     from nemo_aligner.models.hf import load_pretrained
 
@@ -62,12 +52,10 @@ def run_builtin(folder, batch, new_tokens, repeats):
     ids = prompts(batch, model.config.vocab_size)
     sampler = Sampler(model, batch_size=batch)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_token_ids=())
-    out = {}
-    seconds = timed(lambda: out.setdefault("c", sampler.generate(ids, params)), repeats)
-    return seconds, [c.token_ids for c in out["c"]]
+    return lambda: [c.token_ids for c in sampler.generate(ids, params)]
 
 
-def run_transformers(folder, batch, new_tokens, repeats):
+def run_transformers(folder, batch, new_tokens):
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -77,27 +65,23 @@ def run_transformers(folder, batch, new_tokens, repeats):
     mask = torch.zeros_like(input_ids)
     for i, p in enumerate(ids):
         input_ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
-    out = {}
-
     def go():
         with torch.no_grad():
-            out["ids"] = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                                        min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
-    seconds = timed(go, repeats)
-    return seconds, out["ids"][:, width:].tolist()
+            out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+        return out[:, width:].tolist()
+    return go
 
 
-def run_vllm(folder, batch, new_tokens, repeats):
+def run_vllm(folder, batch, new_tokens):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from nemo_aligner.generation.vllm_engine import VLLMEngine
     from nemo_aligner.generation import SamplingParams
 
-    engine = VLLMEngine(str(folder), max_num_seqs=max(batch, 1), dtype="float32")
-    ids = prompts(batch, 49152 if "vocab" not in SMOLLM2_SHAPE else SMOLLM2_SHAPE["vocab_size"])
+    engine = VLLMEngine(str(folder), max_num_seqs=max(batch, 1), dtype="float32", skip_tokenizer_init=True)
+    ids = prompts(batch, SMOLLM2_SHAPE["vocab_size"])
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_token_ids=())
-    out = {}
-    seconds = timed(lambda: out.setdefault("c", engine.generate(ids, params)), repeats)
-    return seconds, [c.token_ids for c in out["c"]]
+    return lambda: [c.token_ids for c in engine.generate(ids, params)]
 
 
 ENGINES = {"builtin": run_builtin, "transformers": run_transformers, "vllm": run_vllm}
@@ -111,24 +95,38 @@ def vllm_importable() -> bool:
     return True
 
 
-def measure(engine, folder, args) -> dict:
-    """{batch: (tokens/s, token ids)} for one engine, in this process or (vLLM elsewhere) a subprocess."""
-    if engine == "vllm" and not vllm_importable():
-        if not args.vllm_python or not Path(args.vllm_python).exists():
-            return {}
-        cmd = [args.vllm_python, __file__, "--model", str(folder), "--engines", "vllm", "--batches",
-               *map(str, args.batches), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--json"]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            print(f"vllm subprocess failed:\n{done.stderr[-3000:]}", file=sys.stderr)
-            return {}
-        return {int(k): tuple(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1])["vllm"].items()}
-    out = {}
+def measure_here(engines, folder, args) -> dict:
+    """{engine: {batch: (tokens/s, token ids)}}: engines of this process timed in turns (one warm-up, then
+    --repeats rounds of each, best kept), so a busy machine slows them alike."""
+    out = {engine: {} for engine in engines}
     for batch in args.batches:
-        seconds, ids = ENGINES[engine](folder, batch, args.new_tokens, args.repeats)
-        out[batch] = (batch * args.new_tokens / seconds, ids)
+        runs = {engine: ENGINES[engine](folder, batch, args.new_tokens) for engine in engines}
+        best, ids = {e: float("inf") for e in engines}, {}
+        for e, fn in runs.items():
+            ids[e] = fn()  # warm-up
+        for _ in range(args.repeats):
+            for e, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                best[e] = min(best[e], time.perf_counter() - t0)
+        for e in engines:
+            out[e][batch] = (batch * args.new_tokens / best[e], ids[e])
+        del runs
     return out
+
+
+def measure_vllm_elsewhere(folder, args) -> dict:
+    """{batch: (tokens/s, token ids)} of vLLM in a subprocess of --vllm-python ({} when that is missing)."""
+    if not args.vllm_python or not Path(args.vllm_python).exists():
+        return {}
+    cmd = [args.vllm_python, __file__, "--model", str(folder), "--engines", "vllm", "--batches",
+           *map(str, args.batches), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--json"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        print(f"vllm subprocess failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+        return {}
+    return {int(k): tuple(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1])["vllm"].items()}
 
 
 def main():
@@ -145,7 +143,10 @@ def main():
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.model) if args.model else random_smollm2(Path(tmp) / "smollm2_shape")
-        results = {engine: measure(engine, folder, args) for engine in args.engines}
+        here = [e for e in args.engines if e != "vllm" or vllm_importable()]
+        results = measure_here(here, folder, args)
+        if "vllm" in args.engines and "vllm" not in here:
+            results["vllm"] = measure_vllm_elsewhere(folder, args)
     if args.json:
         print(json.dumps({e: {b: list(v) for b, v in r.items()} for e, r in results.items()}))
         return

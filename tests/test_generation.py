@@ -363,3 +363,54 @@ def test_bad_prompts_are_named(models):
     assert (len(c.token_ids), c.finish_reason) == (4, "length")  # stopped at the end of the learned positions
     with pytest.raises(ValueError, match=r"stop strings\) needs a Sampler built with a tokenizer"):
         sampler.generate([[1, 2]], SamplingParams(max_new_tokens=4, stop=("x",)))
+
+
+# ------------------------------------------------------------------------------------------ data parallel
+def _dp_worker(rank, port, folder, out_dir):
+    import torch.distributed as dist
+
+    from nemo_aligner.losses.logprobs import LogProbHead
+    from nemo_aligner.parallel.mesh import LaunchEnv, init_parallel
+    from nemo_aligner.parallel.run import ParallelRun
+    from types import SimpleNamespace
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    parallel = init_parallel(SimpleNamespace(num_nodes=1, devices=2, accelerator="cpu"),
+                             SimpleNamespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                                             global_batch_size=2, micro_batch_size=1), LaunchEnv.from_environ())
+    Path(out_dir, f"rendezvous_{rank}").touch()
+    try:
+        run = ParallelRun(parallel, load_pretrained(folder), LogProbHead())  # FSDP2 over dp = 2
+        prompts = _prompts(400)
+        mine = prompts[:2] if rank == 0 else prompts[2:]  # ranks decode different prompts and lengths
+        params = SamplingParams(max_new_tokens=9, temperature=0.9, seed=4, stop_token_ids=())
+        got = Sampler.for_run(run).generate(mine, params, first_index=0 if rank == 0 else 2)
+        ids = torch.tensor([prompts[0]])
+        run.policy(ids, labels=torch.roll(ids, -1, 1)).sum().backward()  # the sharded model still trains
+        Path(out_dir, f"dp{rank}.json").write_text(json.dumps([c.token_ids for c in got]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_fsdp_ranks_generate_their_own_prompts_as_one_process(models, tmp_path):
+    """Each FSDP rank gathers the weights for its call and samples its share; with first_index the union
+    is what one process samples (seeds follow the global prompt index)."""
+    import torch.multiprocessing as mp
+
+    from tests.test_lora import _free_port
+
+    folder, _, model = models("qwen3_window")
+    for attempt in range(2):
+        out = tmp_path / f"try{attempt}"
+        out.mkdir()
+        try:
+            mp.spawn(_dp_worker, args=(_free_port(), str(folder), str(out)), nprocs=2, join=True)
+            break
+        except Exception:
+            if attempt == 1 or all((out / f"rendezvous_{r}").exists() for r in range(2)):
+                raise
+    got = json.loads((out / "dp0.json").read_text()) + json.loads((out / "dp1.json").read_text())
+    params = SamplingParams(max_new_tokens=9, temperature=0.9, seed=4, stop_token_ids=())
+    assert got == [c.token_ids for c in Sampler(model).generate(_prompts(400), params)]
