@@ -328,7 +328,8 @@ def test_prompts_are_tokenised_as_training_tokenises_them(chat_model, tmp_path):
     for row, pair in zip(dpo_rows, dpo.examples):
         assert prompt_token_ids(row["prompt"], tokenizer) == pair.prompt.tolist()
     sft_rows = [json.loads(line) for line in (ROOT / "examples/demo/data/sft_val.jsonl").read_text().splitlines()[:3]]
-    sft = SFTDataset.from_files([ROOT / "examples/demo/data/sft_val.jsonl"], tokenizer, SFTTokenizeSettings(seq_length=512))
+    sft = SFTDataset.from_files([ROOT / "examples/demo/data/sft_val.jsonl"], tokenizer,
+                                SFTTokenizeSettings(seq_length=512))
     for row, example in zip(sft_rows, sft.examples):
         ids = prompt_token_ids(row["messages"][:-1], tokenizer)
         first_label = int(example.label_mask.argmax())
@@ -414,3 +415,25 @@ def test_data_parallel_fsdp_ranks_generate_their_own_prompts_as_one_process(mode
     got = json.loads((out / "dp0.json").read_text()) + json.loads((out / "dp1.json").read_text())
     params = SamplingParams(max_new_tokens=9, temperature=0.9, seed=4, stop_token_ids=())
     assert got == [c.token_ids for c in Sampler(model).generate(_prompts(400), params)]
+
+
+# ------------------------------------------------------------------------------------------ opt-in: a real model
+@pytest.mark.skipif(not os.environ.get("NEMO_ALIGNER_REAL_MODEL"),
+                    reason="set NEMO_ALIGNER_REAL_MODEL=/path/to/a/chat/model (e.g. SmolLM2-135M-Instruct)")
+def test_real_chat_model_greedy_equals_transformers():
+    import transformers
+
+    from nemo_aligner.data.tokenizer import Tokenizer
+
+    folder = os.environ["NEMO_ALIGNER_REAL_MODEL"]
+    tokenizer = Tokenizer.from_path(folder)
+    ids = [prompt_token_ids([{"role": "user", "content": q}], tokenizer)
+           for q in ("What is the capital of France?", "Who wrote Romeo and Juliet?")]
+    ours = Sampler(load_pretrained(folder).eval(), tokenizer, eos_token_ids(tokenizer, folder)).generate(
+        ids, SamplingParams(max_new_tokens=24, temperature=0))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    for prompt, completion in zip(ids, ours):
+        with torch.no_grad():
+            out = hf.generate(input_ids=torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
+        assert completion.token_ids == out[0, len(prompt):].tolist()
+    assert "Paris" in ours[0].text

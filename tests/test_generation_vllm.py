@@ -29,15 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """(our model, its tokenizer, EOS ids, a vLLM engine on the same folder): a 2-layer Llama (head_dim 64: vLLM's CPU attention has no 16), demo tokenizer."""
+    """(our model, its tokenizer, EOS ids, a vLLM engine on the same folder): a 2-layer Llama with the demo
+    tokenizer (head_dim 64: vLLM's CPU attention has no kernel for 16)."""
     import transformers
 
     from nemo_aligner.data.tokenizer import Tokenizer
 
     folder = tmp_path_factory.mktemp("llama")
-    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=1, vocab_size=400, max_position_embeddings=512,
-                                      initializer_range=0.2, bos_token_id=1, eos_token_id=4, pad_token_id=0)
+    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=400,
+                                      max_position_embeddings=512, initializer_range=0.2, bos_token_id=1,
+                                      eos_token_id=4, pad_token_id=0)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer = Tokenizer.from_path(ROOT / "examples/demo/tokenizer")

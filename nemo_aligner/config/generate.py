@@ -20,8 +20,9 @@ BACKENDS = ("builtin", "vllm")
 class GenerationConfig:
     """generation: what to read, what to write and how to sample."""
 
-    input_file: Optional[str] = None  # jsonl: one row per prompt, `prompt` = a string (used verbatim) or a list of messages
-    output_file: Optional[str] = None  # jsonl: each input row plus completions, completion_token_ids, completion_logprobs, finish_reasons
+    input_file: Optional[str] = None  # jsonl: a row per prompt; `prompt` = a string (verbatim) or a list of messages
+    # jsonl: each input row plus completions, completion_token_ids, completion_logprobs, finish_reasons
+    output_file: Optional[str] = None
     prompt_key: str = "prompt"  # the column that holds the prompt
     max_new_tokens: int = 256  # tokens generated per completion at most (finish reason `length`)
     temperature: float = 1.0  # 0 = greedy

@@ -21,8 +21,8 @@ def render_prompt(prompt, tokenizer, chat_template: str | None = None, where: st
     """The text of a prompt: a string as it is, a message list through the chat template + generation prompt."""
     if isinstance(prompt, str):
         return prompt
-    if not isinstance(prompt, list) or not prompt or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt):
+    is_message = lambda m: isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content"))  # noqa: E731
+    if not isinstance(prompt, list) or not prompt or not all(is_message(m) for m in prompt):
         raise DataError(f"{where}: expected a string or a non-empty list of {{role, content}} messages, "
                         f"got {json.dumps(prompt)[:120]}")
     try:

@@ -76,8 +76,9 @@ def build_engine(cfg: GenerateRunConfig, parallel, model, model_dir, tokenizer, 
         if parallel.distributed:
             raise ValueError("generation.backend=vllm runs in one process here; launch without torchrun (vLLM has "
                              "its own tensor parallel) or use generation.backend=builtin")
-        engine = VLLMEngine(str(model_dir), tokenizer, eos_ids, dtype="bfloat16" if gen.precision == "bf16" else "float32",
-                            max_num_seqs=gen.batch_size, seed=gen.seed, scorer=model)
+        dtype = "bfloat16" if gen.precision == "bf16" else "float32"
+        engine = VLLMEngine(str(model_dir), tokenizer, eos_ids, dtype=dtype, max_num_seqs=gen.batch_size, seed=gen.seed,
+                            scorer=model)
         if has_adapters:
             engine.sync_weights(model)  # LoRA adapters: vLLM read the base; send the merged weights
         return engine
@@ -93,8 +94,8 @@ def run_generate(cfg: GenerateRunConfig) -> dict:
     if not gen.output_file:
         raise ValueError("generation.output_file is not set; expected the path of the jsonl file to write")
     model_dir, adapter_dir = resolve_checkpoint(cfg.pretrained_checkpoint.restore_from_path)
-    tokenizer_path = cfg.model.tokenizer.path or (adapter_dir if adapter_dir and (adapter_dir / "tokenizer.json").is_file()
-                                                   else model_dir)
+    adapter_has_tokenizer = adapter_dir is not None and (adapter_dir / "tokenizer.json").is_file()
+    tokenizer_path = cfg.model.tokenizer.path or (adapter_dir if adapter_has_tokenizer else model_dir)
     tokenizer = Tokenizer.from_path(tokenizer_path, cfg.model.tokenizer.type)
     rows, prompts = load_prompts(cfg, tokenizer)  # bad rows stop here, before the model is read
     eos_ids = eos_token_ids(tokenizer, model_dir)
