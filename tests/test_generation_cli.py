@@ -145,6 +145,9 @@ def test_cli_errors_name_the_key_or_the_file_line(checkpoint, prompts_file, tmp_
     (step / "trainer_state.json").write_text("{}")
     with pytest.raises(ValueError, match=r"is a resumable training checkpoint \(DCP shards without the architecture\)"):
         _run(tmp_path, step, prompts_file)
+    with pytest.raises(ValueError, match=r"trainer\.num_nodes x trainer\.devices = 2 must equal "
+                                         r"model\.tensor_model_parallel_size = 1"):
+        _run(tmp_path, checkpoint, prompts_file, "trainer.devices=2")
     with pytest.raises(ValueError, match=r"generation\.top_p=1\.5; expected 0 < top_p <= 1"):
         _config(tmp_path, "generation.top_p=1.5")
     with pytest.raises(ValueError, match=r"generation\.backend='hf'; expected one of \['builtin', 'vllm'\]"):

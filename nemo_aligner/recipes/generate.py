@@ -89,6 +89,10 @@ def build_engine(cfg: GenerateRunConfig, parallel, model, model_dir, tokenizer, 
 def run_generate(cfg: GenerateRunConfig) -> dict:
     setup_logging()
     gen = cfg.generation
+    processes, tp = cfg.trainer.num_nodes * cfg.trainer.devices, cfg.model.tensor_model_parallel_size
+    if processes != tp:  # one replica: every process holds a tensor-parallel shard of the same model
+        raise ValueError(f"generate runs one model replica: trainer.num_nodes x trainer.devices = {processes} must "
+                         f"equal model.tensor_model_parallel_size = {tp}")
     parallel = init_parallel(cfg.trainer, cfg.model)
     check_generation_layout(parallel.dims)
     if not gen.output_file:
