@@ -112,3 +112,29 @@ def test_after_a_weight_sync_the_outputs_follow_the_new_weights(setup):
     model.load_state_dict(original)
     engine.sync_weights(model)
     assert [c.token_ids for c in engine.generate(_prompts(), params)] == before
+
+
+def test_the_generate_cli_with_the_vllm_backend_writes_what_the_builtin_one_writes(setup, tmp_path):
+    import json
+
+    from omegaconf import OmegaConf
+
+    from nemo_aligner.config import GenerateRunConfig, load_config
+    from nemo_aligner.recipes.generate import run_generate
+
+    model, tokenizer, _, engine = setup
+    folder = Path(engine.llm.llm_engine.model_config.model)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("The sky is", "Bananas are")))
+    out = {}
+    for backend in ("builtin", "vllm"):
+        raw = OmegaConf.from_dotlist([f"pretrained_checkpoint.restore_from_path={folder}", f"generation.backend={backend}",
+                                      f"generation.input_file={prompts}", f"generation.output_file={tmp_path / backend}",
+                                      "generation.temperature=0", "generation.max_new_tokens=8",
+                                      "generation.progress_bar=false"])
+        run_generate(load_config(raw, GenerateRunConfig))
+        out[backend] = [json.loads(line) for line in (tmp_path / backend).read_text().splitlines()]
+    for a, b in zip(out["vllm"], out["builtin"]):
+        assert (a["completion_token_ids"], a["completions"], a["finish_reasons"]) == (
+            b["completion_token_ids"], b["completions"], b["finish_reasons"])
+        assert a["completion_logprobs"][0] == pytest.approx(b["completion_logprobs"][0], abs=1e-4)

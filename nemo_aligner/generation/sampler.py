@@ -114,12 +114,12 @@ class Sampler:
         gathered = unsharded(self.fsdp_module) if self.fsdp_module is not None else contextlib.nullcontext()
         try:
             with torch.no_grad(), gathered, self.autocast:
-                for group in self._batches(len(prompts), params.num_samples):
+                for group in self._batches([len(p) for p in prompts], params.num_samples):
                     out.extend(self._generate_batch([first_index + i for i in group], [prompts[i] for i in group],
                                                     params))
         finally:
             self.model.train(was_training)
-        return out
+        return sorted(out, key=lambda c: (c.prompt_index, c.sample_index))
 
     def _checked_prompt(self, index: int, ids) -> list[int]:
         ids = [int(t) for t in ids]
@@ -140,9 +140,12 @@ class Sampler:
         cfg = self.model.config
         return cfg.max_position_embeddings if cfg.position_embedding_type == "learned_absolute" else None
 
-    def _batches(self, num_prompts: int, num_samples: int) -> list[list[int]]:
+    def _batches(self, lengths: list[int], num_samples: int) -> list[list[int]]:
+        """Prompt indices per batch, prompts of similar length together (less padding); seeds follow the
+        prompt index, so the grouping changes no completion."""
         per_batch = max(1, self.batch_size // num_samples)
-        return [list(range(s, min(s + per_batch, num_prompts))) for s in range(0, num_prompts, per_batch)]
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        return [order[s:s + per_batch] for s in range(0, len(order), per_batch)]
 
     def _logits(self, hidden_BE: torch.Tensor) -> torch.Tensor:
         logits_BV = full_logits(hidden_BE, self.model.output_weight)
@@ -167,9 +170,10 @@ class Sampler:
                 for i, p in zip(prompt_indices, prompts) for j in range(S)]
         width = max(len(p) for p in prompts)
         cache, hidden_BE = self._prefill(prompts, width + max(r.limit for r in rows) - 1)
-        expand_B = torch.arange(len(prompts), device=self.device).repeat_interleave(S)
-        cache.keep_rows(expand_B)  # each prompt's prefill shared by its samples
-        hidden_BE = hidden_BE[expand_B]
+        if S > 1:  # each prompt's prefill shared by its samples
+            expand_B = torch.arange(len(prompts), device=self.device).repeat_interleave(S)
+            cache.keep_rows(expand_B)
+            hidden_BE = hidden_BE[expand_B]
         stops = set(params.stop_token_ids if params.stop_token_ids is not None else self.eos_token_ids)
         live = list(range(len(rows)))  # the row of each cache row
         while True:

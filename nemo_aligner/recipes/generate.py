@@ -51,9 +51,9 @@ def resolve_checkpoint(path) -> tuple[Path, Path | None]:
     if (folder / "hf").is_dir():  # a training run's log dir: its final export
         return resolve_checkpoint(folder / "hf")
     if (folder / "trainer_state.json").is_file():
-        raise ValueError(f"{key}={path} is a resumable training checkpoint (DCP shards without the architecture); "
-                         "point at the run's log dir or its hf/ export (written at the end of the run, and with "
-                         "exp_manager.checkpoint_callback_params.save_hf_every_checkpoint=true at every checkpoint)")
+        raise ValueError(f"{key}={path} is a resumable training checkpoint (DCP shards without the architecture, "
+                         "and for LoRA without the base and the adapters' scale); point at the run's log dir or its "
+                         "hf/ export (written when the run ends)")
     raise ValueError(f"{key}={path}: no config.json, {ADAPTER_CONFIG} or hf/ inside; expected a Hugging Face folder, "
                      "a PEFT adapter folder or a training run's log dir")
 
