@@ -128,10 +128,10 @@ def test_the_generate_cli_with_the_vllm_backend_writes_what_the_builtin_one_writ
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("The sky is", "Bananas are")))
     out = {}
     for backend in ("builtin", "vllm"):
-        raw = OmegaConf.from_dotlist([f"pretrained_checkpoint.restore_from_path={folder}", f"generation.backend={backend}",
-                                      f"generation.input_file={prompts}", f"generation.output_file={tmp_path / backend}",
-                                      "generation.temperature=0", "generation.max_new_tokens=8",
-                                      "generation.progress_bar=false"])
+        raw = OmegaConf.from_dotlist([
+            f"pretrained_checkpoint.restore_from_path={folder}", f"generation.backend={backend}",
+            f"generation.input_file={prompts}", f"generation.output_file={tmp_path / backend}",
+            "generation.temperature=0", "generation.max_new_tokens=8", "generation.progress_bar=false"])
         run_generate(load_config(raw, GenerateRunConfig))
         out[backend] = [json.loads(line) for line in (tmp_path / backend).read_text().splitlines()]
     for a, b in zip(out["vllm"], out["builtin"]):
