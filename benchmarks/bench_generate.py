@@ -44,11 +44,11 @@ def prompts(num: int, vocab: int, seed: int = 0) -> list[list[int]]:
             for _ in range(num)]
 
 
-def run_builtin(folder, batch, new_tokens):
+def run_builtin(folder, batch, new_tokens, dtype="fp32"):
     from nemo_aligner.generation import Sampler, SamplingParams
     from nemo_aligner.models.hf import load_pretrained
 
-    model = load_pretrained(folder).eval()
+    model = load_pretrained(folder, dtype=dtype).eval()
     ids = prompts(batch, model.config.vocab_size)
     sampler = Sampler(model, batch_size=batch)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_token_ids=())
@@ -84,7 +84,9 @@ def run_vllm(folder, batch, new_tokens):
     return lambda: [c.token_ids for c in engine.generate(ids, params)]
 
 
-ENGINES = {"builtin": run_builtin, "transformers": run_transformers, "vllm": run_vllm}
+ENGINES = {"builtin": run_builtin, "transformers": run_transformers, "vllm": run_vllm,
+           # not part of the fp32 comparison: the built-in sampler on bf16 weights (generation.precision=bf16)
+           "builtin-bf16": lambda folder, batch, new_tokens: run_builtin(folder, batch, new_tokens, "bf16")}
 
 
 def vllm_importable() -> bool:
@@ -120,8 +122,11 @@ def measure_vllm_elsewhere(folder, args) -> dict:
     if not args.vllm_python or not Path(args.vllm_python).exists():
         return {}
     cmd = [args.vllm_python, __file__, "--model", str(folder), "--engines", "vllm", "--batches",
-           *map(str, args.batches), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--json"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+           *map(str, args.batches), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+           "--threads", str(args.threads), "--json"]
+    # vLLM's CPU worker sets its own thread count (1 unless OMP_NUM_THREADS says otherwise)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         print(f"vllm subprocess failed:\n{done.stderr[-3000:]}", file=sys.stderr)
@@ -132,7 +137,8 @@ def measure_vllm_elsewhere(folder, args) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a Hugging Face folder; default: random weights of SmolLM2-135M's shape")
-    parser.add_argument("--engines", nargs="+", default=["builtin", "transformers", "vllm"])
+    parser.add_argument("--engines", nargs="+", default=["builtin", "transformers", "vllm"],
+                        help=f"any of {sorted(ENGINES)}")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)

@@ -36,6 +36,7 @@ class GenerationConfig:
     chat_template: Optional[str] = None  # message prompts: built-in name or jinja; null = the tokenizer's (as training)
     add_bos: Optional[bool] = None  # prepend BOS unless there; null = when the tokenizer has one (as training)
     precision: str = "32"  # 32 | bf16 (weights cast to bf16 for generation)
+    vllm_kv_cache_gib: Optional[float] = 1.0  # backend=vllm: its KV cache memory; null = vLLM's gpu_memory_utilization
     progress_bar: bool = True
 
     def __post_init__(self):

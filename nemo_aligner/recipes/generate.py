@@ -78,7 +78,7 @@ def build_engine(cfg: GenerateRunConfig, parallel, model, model_dir, tokenizer, 
                              "its own tensor parallel) or use generation.backend=builtin")
         dtype = "bfloat16" if gen.precision == "bf16" else "float32"
         engine = VLLMEngine(str(model_dir), tokenizer, eos_ids, dtype=dtype, max_num_seqs=gen.batch_size, seed=gen.seed,
-                            scorer=model)
+                            scorer=model, kv_cache_gib=gen.vllm_kv_cache_gib)
         if has_adapters:
             engine.sync_weights(model)  # LoRA adapters: vLLM read the base; send the merged weights
         return engine
