@@ -107,6 +107,7 @@ ALLOWED = {
     "algorithms": {"algorithms", "config", "data", "losses", "models"},
     "parallel": {"parallel", "models", "losses", "data"},
     "training": {"training", "parallel", "data"},
+    "generation": {"generation", "models", "parallel", "losses", "data", "config"},
 }
 
 

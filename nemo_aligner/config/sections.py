@@ -28,6 +28,28 @@ def _fraction_or_count(key: str, value, allow_zero=True):
         raise ValueError(f"{key}=0; expected a positive count or fraction")
 
 
+def check_sampling(params, prefix: str) -> None:
+    """ValueError naming `<prefix>.<key>` for a sampling setting out of range (any object with the fields:
+    generation.*, exp_manager.val_samples.*, generation.SamplingParams)."""
+    if params.max_new_tokens <= 0:
+        raise ValueError(f"{prefix}.max_new_tokens={params.max_new_tokens}; expected a positive integer")
+    if params.temperature < 0:
+        raise ValueError(f"{prefix}.temperature={params.temperature}; expected >= 0 (0 = greedy)")
+    if params.top_k < 0:
+        raise ValueError(f"{prefix}.top_k={params.top_k}; expected >= 0 (0 = no top-k truncation)")
+    if not 0.0 < params.top_p <= 1.0:
+        raise ValueError(f"{prefix}.top_p={params.top_p}; expected 0 < top_p <= 1 (1 = no nucleus truncation)")
+    num_samples = getattr(params, "num_samples", 1)
+    if num_samples <= 0:
+        raise ValueError(f"{prefix}.num_samples={num_samples}; expected a positive integer")
+    if params.temperature == 0 and num_samples > 1:
+        raise ValueError(f"{prefix}.num_samples={num_samples} with {prefix}.temperature=0 (greedy) would give "
+                         "identical completions; set a temperature > 0 or num_samples=1")
+    stop = list(getattr(params, "stop", None) or [])
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise ValueError(f"{prefix}.stop={stop!r}; expected a list of non-empty strings")
+
+
 # ---------------------------------------------------------------- trainer
 @dataclass
 class LoopConfig:
@@ -91,6 +113,25 @@ class CheckpointParams:
 
 
 @dataclass
+class ValSamplesConfig:
+    """exp_manager.val_samples: replies to the first validation prompts, generated after every validation and
+    logged to <log_dir>/val_samples.jsonl and TensorBoard (text `val/samples`). Same prompt tokens as the
+    validation data (its chat template and BOS), the model's EOS ids stop a reply."""
+
+    num_prompts: int = 0  # how many validation prompts (the first ones); 0 = off
+    max_new_tokens: int = 64  # tokens per reply at most
+    temperature: float = 0.0  # 0 = greedy (the same replies at every validation for an unchanged model)
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int = 1234  # sampling seed (temperature > 0)
+
+    def __post_init__(self):
+        if self.num_prompts < 0:
+            raise ValueError(f"exp_manager.val_samples.num_prompts={self.num_prompts}; expected >= 0 (0 = off)")
+        check_sampling(self, "exp_manager.val_samples")
+
+
+@dataclass
 class ExpManagerConfig:
     explicit_log_dir: Optional[str] = None  # all outputs go here
     exp_dir: Optional[str] = None  # used when explicit_log_dir is null: <exp_dir>/<name>
@@ -103,6 +144,7 @@ class ExpManagerConfig:
     create_checkpoint_callback: bool = True
     checkpoint_callback_params: CheckpointParams = field(default_factory=CheckpointParams)
     progress_bar: bool = True  # tqdm progress bar (off in CI logs is fine too)
+    val_samples: ValSamplesConfig = field(default_factory=ValSamplesConfig)  # generated replies at each validation
 
 
 @dataclass

@@ -6,6 +6,8 @@ a separate step (`output_weight`, `logits`) so log-probs can be computed a chunk
 Layers live in a ModuleDict keyed by their global index so pipeline stages can drop modules and keep
 checkpoint names. A stage without `embedding` takes hidden states as input; one without `final_norm`
 returns un-normalised hidden states.
+`decode` is the KV-cache path beside `forward` (generation: prefill, then a token at a time); `forward`
+never touches a cache, so training numerics do not depend on it.
 
 Shapes: B batch, T tokens, E hidden size, V vocabulary.
 """
@@ -18,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nemo_aligner.models.layers.attention import QK_NORMS, AttentionContext, SelfAttention, build_attention_context
+from nemo_aligner.models.layers.attention import (
+    QK_NORMS, AttentionContext, KVCache, SelfAttention, build_attention_context, decode_context,
+)
 from nemo_aligner.models.layers.mlp import ACTIVATIONS, MLP, NORMALIZATIONS, RMSNorm, make_norm
 from nemo_aligner.models.layers.rope import (
     ROPE_SCALING_TYPES, RotaryTables, longrope_attention_factor, longrope_inv_freq, rope_inv_freq,
@@ -179,8 +183,10 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.ffn_hidden_size, cfg.activation, cfg.add_bias_linear)
         self.mlp_output_norm = norm() if post else None
 
-    def forward(self, x_BTE, cos_sin, ctx: AttentionContext):
-        attended_BTE = self.self_attention(_maybe_norm(self.input_norm, x_BTE), cos_sin, ctx)
+    def forward(self, x_BTE, cos_sin, ctx: AttentionContext, cache=None):
+        # no cache argument at all in training: the call tensor-parallel and compiled wrappers see is unchanged
+        extra = {} if cache is None else {"cache": cache}
+        attended_BTE = self.self_attention(_maybe_norm(self.input_norm, x_BTE), cos_sin, ctx, **extra)
         x_BTE = x_BTE + _maybe_norm(self.attention_output_norm, attended_BTE)
         return x_BTE + _maybe_norm(self.mlp_output_norm, self.mlp(_maybe_norm(self.post_attention_norm, x_BTE)))
 
@@ -299,6 +305,39 @@ class GPTModel(nn.Module):
                                  f"{self.config.max_position_embeddings}")
             x_BTE = x_BTE + self.position_embedding(position_ids)
         return x_BTE
+
+    def decode(self, input_ids_BT: torch.Tensor, valid_BT: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Hidden states [B, T, E] of T new tokens per row, appended to `cache` and attending to everything in it
+        (prefill: the left-padded prompts, valid_BT False on padding; then one token per step).
+
+        Positions count the valid slots of each row. LongRoPE picks its factors per row from the length so far
+        (the largest new position + 1); the step a row outgrows the original context, the whole cache is
+        recomputed (as transformers' Phi-3 does), so every logit equals a full forward over the sequence so far.
+        Layers are called through their eager `forward`: a compiled block would recompile for every cache
+        length (hooks on the layer itself, FSDP's, are skipped; tensor-parallel hooks live on its projections)."""
+        T = input_ids_BT.shape[1]
+        start, position_ids_BT = cache.begin(input_ids_BT, valid_BT)
+        if start > 0 and self._outgrows_short_rope(position_ids_BT):
+            input_ids_BT, valid_BT = cache.restart()
+            start, position_ids_BT = cache.begin(input_ids_BT, valid_BT)
+        x_BTE = self._embed(input_ids_BT, position_ids_BT)
+        cos_sin = self.rotary.cos_sin(position_ids_BT, None, x_BTE.dtype) if self.rotary is not None else None
+        contexts = {}
+        for name, layer in self.layers.items():
+            attention = layer.self_attention
+            if attention.sliding_window not in contexts:
+                contexts[attention.sliding_window] = decode_context(cache, start, attention.sliding_window)
+            x_BTE = layer.forward(x_BTE, cos_sin[attention.rope_table] if cos_sin is not None else None,
+                                  contexts[attention.sliding_window], cache=cache.layer(name))
+        x_BTE = x_BTE[:, -T:]
+        return self.final_norm(x_BTE) if self.final_norm is not None else x_BTE
+
+    def _outgrows_short_rope(self, position_ids_BT) -> bool:
+        """A row reaches length original + 1 in this step (LongRoPE's switch to its long factors)."""
+        rotary = self.rotary
+        if rotary is None or rotary.long_inv_freq is None:
+            return False
+        return bool((position_ids_BT == rotary.original_max_position_embeddings).any())
 
     def logits(self, input_ids, position_ids=None, segment_ids=None) -> torch.Tensor:
         """Full logits [B, T, V]; for users and tests (training computes log-probs in chunks instead)."""

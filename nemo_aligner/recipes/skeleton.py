@@ -21,6 +21,7 @@ import torch
 
 from nemo_aligner.config.nemo_compat import log_ignored_keys
 from nemo_aligner.data.tokenizer import Tokenizer
+from nemo_aligner.generation.validation import validation_samples
 from nemo_aligner.models.compile import compile_blocks
 from nemo_aligner.models.gpt import GPTConfig, GPTModel
 from nemo_aligner.models.hf import load_pretrained
@@ -127,10 +128,11 @@ def train(start: RunStart, run, algorithm, train_data, val_data, loop_cfg, token
                            wandb_kwargs=dataclasses.asdict(exp.wandb_logger_kwargs), run_config=dataclasses.asdict(cfg),
                            resume_step=start_step, is_rank_zero=is_rank_zero)
     progress = ProgressBar(total=plan.max_steps, initial=start_step, enabled=exp.progress_bar and is_rank_zero)
+    samples = validation_samples(start, run, val_data, start_step)  # exp_manager.val_samples (None when off)
     trainer = Trainer(model=model, algorithm=algorithm, optimizer=optimizer, scheduler=scheduler, run=run,
                       train_data=train_data, val_data=val_data, loop=loop_cfg, plan=plan, logger=logger,
                       progress=progress, checkpointer=checkpointer, monitor=params.monitor,
-                      data_metrics=data_metrics(train_data))
+                      data_metrics=data_metrics(train_data), after_validation=samples)
     if resume_from is not None:
         trainer.resume(resume_from)
     log.info("training: %d steps (%d per epoch), global batch %d %s, micro batch %d, loss per %s, log dir %s",
@@ -139,6 +141,8 @@ def train(start: RunStart, run, algorithm, train_data, val_data, loop_cfg, token
              algorithm.unit.rstrip("s"), log_dir)
     result = trainer.fit()
     progress.close()
+    if samples is not None:
+        samples.close()
     logger.close()
     hf_dir = export_hf(start.parallel, model, log_dir / "hf", tokenizer or start.tokenizer, cfg.model.peft,
                        start.restore)  # LoRA: a PEFT adapter folder, or merged

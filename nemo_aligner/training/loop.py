@@ -78,10 +78,12 @@ class LoopState:
 
 class Trainer:
     def __init__(self, *, model, algorithm, optimizer, scheduler, run, train_data, val_data, loop, plan: TrainingPlan,
-                 logger, progress=None, checkpointer=None, monitor: str = "val_loss", data_metrics: dict | None = None):
+                 logger, progress=None, checkpointer=None, monitor: str = "val_loss", data_metrics: dict | None = None,
+                 after_validation=None):
         """model: this rank's GPTModel (parameters, train/eval, checkpoints); run: a ParallelRun (executor,
         data-parallel group, gradient completion and clipping); loop: trainer.<algorithm> (clipping, save and validation
-        limits); train_data / val_data: DataLayouts."""
+        limits); train_data / val_data: DataLayouts; after_validation(step): called after every validation
+        (exp_manager.val_samples: generated replies)."""
         self.model, self.algorithm, self.optimizer, self.scheduler = model, algorithm, optimizer, scheduler
         self.run, self.executor, self.dp = run, run.executor, run.dp
         self.executor.algorithm = algorithm
@@ -90,6 +92,7 @@ class Trainer:
         self.sampler, self.max_steps, self.val_every = plan.sampler, plan.max_steps, plan.val_every
         self.micro_batch_size, self.monitor = plan.micro_batch_size, monitor
         self.data_metrics = data_metrics or {}
+        self.after_validation = after_validation
         self.state = LoopState()
         self.history: list[dict] = []
 
@@ -160,6 +163,7 @@ class Trainer:
         initial_val = self.validate() if self.state.step == 0 else {}
         if initial_val:
             log.info("validation before training: %s", _fmt(initial_val))
+            self._validated()
         last_val, last_train, saved_at = {}, {}, None
         start_time = time.perf_counter()
         while self.state.step < self.max_steps:
@@ -178,6 +182,7 @@ class Trainer:
             if self.state.step % self.val_every == 0 or self.state.step == self.max_steps:
                 last_val = self.validate()
                 record |= {f"val/{k}": v for k, v in last_val.items()}
+                self._validated()
             self.logger.log(self.state.step, record)
             self.history.append(record)
             if self.progress is not None:
@@ -190,6 +195,10 @@ class Trainer:
             self._save(last_val)
         return {"initial_val": initial_val, "train": last_train, "val": last_val, "steps": self.state.step,
                 "time": time.perf_counter() - start_time}
+
+    def _validated(self) -> None:
+        if self.after_validation is not None and self.val_data is not None:
+            self.after_validation(self.state.step)
 
     def _should_save(self) -> bool:
         every = self.loop.save_interval

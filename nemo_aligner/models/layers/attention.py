@@ -17,6 +17,11 @@ layer alone): `sliding_window` (its own window, or None for full attention), `lo
 `AttentionContext` per distinct window (and per varlen / mask choice) once per forward and hands each
 layer its own. The head counts are read from the projected tensors, not the config, so the same code
 runs on tensor-parallel shards that hold a subset of the heads.
+
+Decoding (`nemo_aligner.generation`) passes a `LayerKVCache`: the new tokens' keys and values are
+written into the layer's slots and the queries attend to every filled slot through a [B, 1, T, S] mask
+built by `decode_context` (padding, causality and the layer's window, in slot space). Training never
+passes a cache and runs exactly the code above. S = cache slots.
 """
 
 from dataclasses import dataclass
@@ -135,11 +140,13 @@ class SelfAttention(nn.Module):
         """False where the flash varlen kernel cannot compute this layer (soft-capped scores)."""
         return self.logit_softcapping is None
 
-    def forward(self, x_BTE, cos_sin, ctx: AttentionContext):
+    def forward(self, x_BTE, cos_sin, ctx: AttentionContext, cache: "LayerKVCache | None" = None):
         B, T, _ = x_BTE.shape
         q_BHTD, k_BGTD, v_BGTD = self._project(x_BTE)
         if cos_sin is not None:
             q_BHTD, k_BGTD = apply_rope(q_BHTD, *cos_sin), apply_rope(k_BGTD, *cos_sin)
+        if cache is not None:  # decoding: attend to every filled slot (ctx.mask_B1TT is [B, 1, T, S])
+            k_BGTD, v_BGTD = cache.append(k_BGTD, v_BGTD)
         if self.logit_softcapping is not None:
             out_BTHD = self._softcapped(q_BHTD, k_BGTD, v_BGTD, ctx).transpose(1, 2)
         elif ctx.cu_seqlens_N1 is not None:
@@ -192,3 +199,99 @@ class SelfAttention(nn.Module):
             enable_gqa=q_BHTD.shape[1] != k_BGTD.shape[1],
         )
         return out.view(B, T, H, D)
+
+
+# ------------------------------------------------------------------------------------------ KV cache
+class KVCache:
+    """Keys and values of every layer for B rows of `num_slots` slots, filled left to right.
+
+    All rows share the slot index of each step (prompts are left-padded to one width); `valid_BS` marks the
+    slots that hold real tokens, so padding is never attended to. A row's position is the number of valid
+    slots before it. Each layer's tensors ([B, G, S, D]) are allocated at its first write, with the heads
+    and dtype the layer produces (a tensor-parallel shard holds its own heads only).
+    """
+
+    def __init__(self, batch_size: int, num_slots: int, device):
+        self.num_slots = num_slots
+        self.ids_BS = torch.zeros(batch_size, num_slots, dtype=torch.long, device=device)  # to recompute (LongRoPE)
+        self.valid_BS = torch.zeros(batch_size, num_slots, dtype=torch.bool, device=device)
+        self.length = 0  # slots filled so far (also by the step in progress once `begin` ran)
+        self.layers: dict[str, LayerKVCache] = {}
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid_BS.shape[0]
+
+    def begin(self, ids_BT: torch.Tensor, valid_BT: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Reserve slots for T new tokens per row (valid_BT: False for padding); returns (first slot, their
+        positions [B, T])."""
+        start, T = self.length, valid_BT.shape[1]
+        if start + T > self.num_slots:
+            raise ValueError(f"KV cache of {self.num_slots} slots is full ({start} used, {T} more asked)")
+        self.ids_BS[:, start:start + T] = ids_BT
+        self.valid_BS[:, start:start + T] = valid_BT
+        self.length = start + T
+        positions_BT = self.valid_BS[:, :start + T].long().cumsum(dim=1)[:, start:] - 1
+        return start, positions_BT.clamp(min=0)
+
+    def restart(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forget every layer's keys and values; returns (ids, valid) of the filled slots, to recompute them."""
+        ids_BL, valid_BL = self.ids_BS[:, :self.length].clone(), self.valid_BS[:, :self.length].clone()
+        self.length, self.layers = 0, {}
+        return ids_BL, valid_BL
+
+    def layer(self, name: str) -> "LayerKVCache":
+        if name not in self.layers:
+            self.layers[name] = LayerKVCache(self)
+        return self.layers[name]
+
+    def keep_rows(self, index_B: torch.Tensor) -> None:
+        """Keep only the rows `index_B` (in that order; repeats allowed): finished rows dropped, or a prompt's
+        prefill shared by its samples."""
+        self.ids_BS, self.valid_BS = self.ids_BS[index_B], self.valid_BS[index_B]
+        for layer in self.layers.values():
+            layer.keep_rows(index_B)
+
+
+class LayerKVCache:
+    """One layer's slots in a KVCache."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.k_BGSD: torch.Tensor | None = None
+        self.v_BGSD: torch.Tensor | None = None
+
+    def append(self, k_BGTD: torch.Tensor, v_BGTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the step's keys and values (the slots `KVCache.begin` reserved); returns the filled slots."""
+        end = self.cache.length
+        start = end - k_BGTD.shape[2]
+        if self.k_BGSD is None:
+            B, G, _, D = k_BGTD.shape
+            shape = (B, G, self.cache.num_slots, D)
+            self.k_BGSD = k_BGTD.new_zeros(shape)
+            self.v_BGSD = v_BGTD.new_zeros(shape[:3] + (v_BGTD.shape[-1],))
+        self.k_BGSD[:, :, start:end] = k_BGTD
+        self.v_BGSD[:, :, start:end] = v_BGTD
+        return self.k_BGSD[:, :, :end], self.v_BGSD[:, :, :end]
+
+    def keep_rows(self, index_B: torch.Tensor) -> None:
+        if self.k_BGSD is not None:
+            self.k_BGSD, self.v_BGSD = self.k_BGSD[index_B], self.v_BGSD[index_B]
+
+
+def decode_context(cache: KVCache, start: int, sliding_window: int | None) -> AttentionContext:
+    """The mask [B, 1, T, S'] of queries in slots start..cache.length - 1 over keys in slots 0..cache.length - 1:
+    a valid key at or before the query, within `sliding_window` slots (left padding is contiguous, so slot
+    distance is position distance). A padding query sees itself only: its output is never used, and a row
+    with no allowed key would turn into NaN and spread."""
+    end = cache.length
+    q_T1 = torch.arange(start, end, device=cache.valid_BS.device)[:, None]
+    k_1S = torch.arange(end, device=cache.valid_BS.device)[None, :]
+    allowed_TS = k_1S <= q_T1
+    if sliding_window is not None:
+        allowed_TS = allowed_TS & (q_T1 - k_1S < sliding_window)
+    valid_BS = cache.valid_BS[:, :end]
+    allowed_BTS = allowed_TS[None] & valid_BS[:, None, :]
+    is_pad_query_BT1 = ~valid_BS[:, start:end, None]
+    allowed_BTS = allowed_BTS | (is_pad_query_BT1 & (k_1S == q_T1)[None])
+    return AttentionContext(mask_B1TT=allowed_BTS[:, None])
