@@ -317,7 +317,7 @@ def user_errors_exit():
     except USER_ERRORS as err:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
-        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        rank = f"[rank {os.environ.get('RANK', '?')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"{rank}{'config error' if isinstance(err, ConfigError) else 'error'}: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
 
