@@ -68,7 +68,7 @@ def worker(rank, world, tp, pp, args, data_dir, port, out_file):
     cfg = dpo_config(Path(data_dir) / f"run_{world}_{tp}_{pp}", *overrides(args, world, tp, pp, Path(data_dir)),
                      f"model.dpo.ref_cache_dir={Path(data_dir) / 'cache'}")
     start = start_run(cfg)  # the launch, its layout, tokenizer: as every recipe starts
-    train, _ = load_layouts(cfg, start.tokenizer)
+    train, *_ = load_layouts(cfg, start.tokenizer)
     rss_before_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     model = build_policy(start)
     algorithm = DPOAlgorithm(DPOSettings.from_config(cfg.model.dpo), start.tokenizer.pad_id)

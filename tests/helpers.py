@@ -1,5 +1,6 @@
-"""Shared test helpers: run configs composed from the shipped YAML plus dotlist overrides, metrics
-files, and one micro-batch's loss through the model + head exactly as the executors run it."""
+"""Shared test helpers: run configs composed from the shipped YAML, the demo preset and command-line
+overrides, metrics files, and one micro-batch's loss through the model + head exactly as the executors
+run it."""
 
 import json
 from pathlib import Path
@@ -7,11 +8,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from nemo_aligner.config import DPORunConfig, SFTRunConfig, load_config
+from nemo_aligner.config.presets import with_preset
 from nemo_aligner.models.heads import ModelWithHead
 
 ROOT = Path(__file__).resolve().parents[1]
 DPO_YAML = ROOT / "examples/nlp/gpt/conf/gpt_dpo.yaml"
 SFT_YAML = ROOT / "examples/nlp/gpt/conf/gpt_sft.yaml"
+DEMO_PRESETS = {DPO_YAML: ROOT / "examples/nlp/gpt/conf/demo/gpt_dpo.yaml",
+                SFT_YAML: ROOT / "examples/nlp/gpt/conf/demo/gpt_sft.yaml"}  # what the no-argument scripts apply
 DEMO_TRAIN = ROOT / "examples/demo/data/dpo_train.jsonl"
 DEMO_VAL = ROOT / "examples/demo/data/dpo_val.jsonl"
 
@@ -24,21 +28,23 @@ FAST = [
 ]
 
 
-def compose(yaml, schema, log_dir, *overrides):
-    """The run config a command line `<script> exp_manager.explicit_log_dir=<log_dir> <overrides>` gets."""
-    raw = OmegaConf.to_container(OmegaConf.load(yaml))
+def compose(yaml, schema, log_dir, *overrides, demo=True):
+    """The run config of `<script> exp_manager.explicit_log_dir=<log_dir> <overrides>`, with the demo's
+    preset under the overrides (tests train the demo's tiny model on toy data) unless demo=False (the
+    schema's real defaults, as a run on a checkpoint with data gets them)."""
+    raw = OmegaConf.load(yaml)
     raw.pop("defaults", None)
     raw.pop("hydra", None)
-    merged = OmegaConf.merge(raw, OmegaConf.from_dotlist([f"exp_manager.explicit_log_dir={log_dir}", *overrides]))
-    return load_config(merged, schema)
+    overrides = [f"exp_manager.explicit_log_dir={log_dir}", *overrides]
+    return load_config(with_preset(raw, DEMO_PRESETS[Path(yaml)] if demo else None, overrides), schema)
 
 
-def dpo_config(log_dir, *overrides, yaml=DPO_YAML, schema=DPORunConfig):
-    return compose(yaml, schema, log_dir, *overrides)
+def dpo_config(log_dir, *overrides, yaml=DPO_YAML, schema=DPORunConfig, demo=True):
+    return compose(yaml, schema, log_dir, *overrides, demo=demo)
 
 
-def sft_config(log_dir, *overrides, yaml=SFT_YAML, schema=SFTRunConfig):
-    return compose(yaml, schema, log_dir, *overrides)
+def sft_config(log_dir, *overrides, yaml=SFT_YAML, schema=SFTRunConfig, demo=True):
+    return compose(yaml, schema, log_dir, *overrides, demo=demo)
 
 
 def read_metrics(log_dir) -> list[dict]:

@@ -133,6 +133,12 @@ def test_nemo_aligner_command_line_with_a_hugging_face_checkpoint(tmp_path):
     rows = read_metrics(tmp_path / "results")
     assert [r["step"] for r in rows] == [1, 2]
     assert json.loads((tmp_path / "results/hf/config.json").read_text())["model_type"] == "llama"
+    # a checkpoint and data: the schema's real defaults, never the demo's toy values
+    assert "bundled demo" not in out.stdout
+    assert rows[0]["train/lr"] == pytest.approx(9e-6 * 2 / 10)  # lr 9e-6, 10 warmup steps (lr of update 2)
+    assert "model.encoder_seq_length=4096 capped at the model's max_position_embeddings=2048" in out.stdout
+    assert "warmup_steps=10 >= the run's 2 steps" in out.stdout and "lr by step: step 1: 9e-07" in out.stdout
+    assert "test/loss" in rows[-1] and "test/loss" not in rows[0]  # the test split, once at the end
 
 
 def test_cli_rejects_unknown_keys_and_wrong_types(tmp_path):

@@ -281,7 +281,7 @@ def test_training_with_online_packing_with_micro_batch_2(tmp_path, tok, small_ro
     data = {"data_prefix": {"train": [str(small_rows)], "validation": [str(small_rows)]}, "packing": True,
             "pack_size": 320}
     cfg = _run_config(tmp_path, data, encoder_seq_length=SEQ)
-    train, val = load_layouts(cfg, tok)
+    train, val, _ = load_layouts(cfg, tok)
     assert train.packed and val.packed and len(train.items) <= len(train.dataset) / 2
     assert train.items == pack(train.dataset.pack_lengths(), 320, "best_fit_decreasing")
     _check_run(run_dpo(cfg), tmp_path / "run")

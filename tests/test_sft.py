@@ -400,9 +400,10 @@ def test_command_line(tmp_path):
 
     def cli(*args):
         return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True,
-                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
 
     out = cli(*FAST, "trainer.sft.max_steps=2", "trainer.sft.limit_val_batches=1", "model.data.packing=true",
+              "model.encoder_seq_length=96",  # data given: the schema's real defaults apply, not the demo's
               "model.data.chat_template=llama3", f"exp_manager.explicit_log_dir={tmp_path / 'run'}")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "done: 2 steps" in out.stdout

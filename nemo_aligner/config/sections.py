@@ -18,6 +18,18 @@ def _choice(key: str, value, choices):
         raise ValueError(f"{key}={value!r}; expected one of {list(choices)}")
 
 
+def parse_max_time(value) -> float:
+    """trainer.max_time "DD:HH:MM:SS" (NeMo / Lightning) -> seconds."""
+    parts = str(value).split(":")
+    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"trainer.max_time={value!r}; expected \"DD:HH:MM:SS\" (e.g. 00:03:50:00) or null")
+    days, hours, minutes, seconds = (int(p) for p in parts)
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total <= 0:
+        raise ValueError(f"trainer.max_time={value!r}; expected a positive duration")
+    return float(total)
+
+
 def _fraction_or_count(key: str, value, allow_zero=True):
     """NeMo's convention: a float is a fraction (0..1], an int is a count."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -80,9 +92,13 @@ class TrainerConfig:
     accelerator: str = "auto"  # auto | cpu | gpu
     precision: Any = 32  # 32 | bf16-mixed (fp32 master weights, bf16 autocast); bf16 and 16 accepted as aliases
     log_every_n_steps: int = 1  # kept for NeMo command lines; every step is logged
-    max_time: Optional[str] = None  # kept for NeMo command lines; not enforced (config/nemo_compat.py)
+    # "DD:HH:MM:SS" (NeMo's): stop before this much time since the run started, allowing for one more step
+    # and a checkpoint save: checkpoint saved, no export, exit code 75; rerun to continue. null = no limit
+    max_time: Optional[str] = None
 
     def __post_init__(self):
+        if self.max_time is not None:
+            parse_max_time(self.max_time)
         self.precision = str(self.precision)
         _choice("trainer.precision", self.precision, ("32", "32-true", "bf16", "bf16-mixed", "16", "16-mixed"))
         _choice("trainer.accelerator", self.accelerator, ("auto", "cpu", "gpu", "cuda"))
@@ -164,7 +180,8 @@ class DataConfig:
     """model.data options every task shares; a recipe's schema adds its own (row keys, rewards, ...)."""
 
     data_impl: str = "jsonl"  # jsonl | parquet (read by file suffix either way); DPO also: packed_jsonl
-    data_prefix: Any = None  # {train: [files], validation: [files], test: [files]}
+    # {train: [files], validation: [files], test: [files]} (test: evaluated once at the end); null = none
+    data_prefix: Any = field(default_factory=lambda: {"train": None, "validation": None, "test": None})
     seq_length: Optional[int] = None  # max tokens per sequence (prompt + response); null = model.encoder_seq_length
     overlength: str = "truncate"  # truncate (cut the prompt from the left, then the response) | drop | error
     chat_template: Optional[str] = None  # built-in name (chatml, llama3, qwen2_5, extra_id, plain) or jinja; null = tokenizer's
@@ -189,8 +206,11 @@ class DataConfig:
 @dataclass
 class SchedConfig:
     name: str = "CosineAnnealing"  # CosineAnnealing | constant | linear
-    warmup_steps: int = 10
-    constant_steps: int = 1000  # NeMo: steps held at min_lr after the decay... see training/optim.py
+    warmup_steps: int = 10  # lr rises linearly to model.optim.lr over these steps
+    # steps held at min_lr at the end (NeMo's gpt_dpo.yaml: 1000). A run shorter than warmup + constant steps
+    # gets no cosine decay (lr drops to min_lr right after warmup): a warning prints the resulting lr curve;
+    # set 0 for a cosine over the whole run
+    constant_steps: int = 1000
     min_lr: float = 9e-7
     max_steps: Optional[int] = None  # decay horizon; null = the run's max steps
 
@@ -201,7 +221,7 @@ class SchedConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw (NeMo's distributed_fused_adam / fused_adam / adam map to AdamW)
-    lr: float = 9e-6
+    lr: float = 9e-6  # NeMo-Aligner's gpt_dpo.yaml (SFT: config/sft.py); may change on resume (logged)
     weight_decay: float = 0.1
     betas: list = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
@@ -259,7 +279,9 @@ class ModelConfig:
     pipeline_model_parallel_size: int = 1
     pipeline_layer_split: Optional[list] = None  # transformer layers per pipeline stage, e.g. [6, 10]; null = even split
     pipeline_schedule: str = "1f1b"  # 1f1b | gpipe (micro-batches per step = global / (micro x data-parallel))
-    encoder_seq_length: int = 4096  # max tokens per sequence (also the pack size with packed data)
+    # max tokens per sequence (also the pack size with packed data); capped at the checkpoint's
+    # max_position_embeddings (logged) unless model.data.seq_length says otherwise
+    encoder_seq_length: int = 4096
     # ---- architecture, used when pretrained_checkpoint.restore_from_path is null (Megatron key names;
     # the defaults are GPTConfig's, tests/test_config.py checks that every GPTConfig field is here or derived)
     num_layers: int = 2

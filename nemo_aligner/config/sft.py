@@ -1,6 +1,10 @@
 """The SFT run config (examples/nlp/gpt/conf/gpt_sft.yaml): the shared sections plus trainer.sft,
 the SFT data section and model.sft, with NeMo-Aligner's key names.
 
+Where SFT's real defaults differ from DPO's they are NeMo-Aligner's gpt_sft.yaml values: lr 3e-5,
+weight_decay 0.01 (betas, CosineAnnealing warmup 10 / constant 1000 / min_lr 9e-7 as DPO's), global batch
+128, validation and checkpoint every 100 steps.
+
 Unknown keys and wrong types fail at start-up naming the key
 (`nemo_aligner.config.load_config(raw, SFTRunConfig)`).
 """
@@ -8,7 +12,9 @@ Unknown keys and wrong types fail at start-up naming the key
 from dataclasses import dataclass, field
 from typing import Optional
 
-from nemo_aligner.config.sections import DataConfig, LoopConfig, ModelConfig, RunConfig, TrainerConfig, _choice
+from nemo_aligner.config.sections import (
+    DataConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, TrainerConfig, _choice,
+)
 
 ROW_FORMATS = ("auto", "nemo_chat", "messages", "prompt_completion", "roll")
 LOSS_ON = ("all_assistant", "last_assistant")
@@ -50,13 +56,23 @@ class SFTConfig:
             raise ValueError(f"model.sft.logprob_chunk_size={self.logprob_chunk_size}; expected a positive integer")
 
 
+def _sft_loop() -> LoopConfig:
+    return LoopConfig(val_check_interval=100, save_interval=100)  # NeMo-Aligner's gpt_sft.yaml
+
+
+def _sft_optim() -> OptimConfig:
+    return OptimConfig(lr=3e-5, weight_decay=0.01)  # NeMo-Aligner's gpt_sft.yaml
+
+
 @dataclass
 class SFTTrainerConfig(TrainerConfig):
-    sft: LoopConfig = field(default_factory=LoopConfig)
+    sft: LoopConfig = field(default_factory=_sft_loop)
 
 
 @dataclass
 class SFTModelConfig(ModelConfig):
+    global_batch_size: int = 128  # NeMo-Aligner's gpt_sft.yaml (DPO: 64)
+    optim: OptimConfig = field(default_factory=_sft_optim)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
 

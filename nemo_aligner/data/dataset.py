@@ -12,6 +12,7 @@ A tokenised example has `num_tokens` (what it occupies in a pack), `num_labels` 
 
 import dataclasses
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -83,7 +84,7 @@ class TokenizedDataset:
         report = RowReport(files=files, unit=cls.unit)
         examples, source_rows = [], []
         for file in files:
-            for line_no, row in read_rows(file):
+            for line_no, row in read_rows(file, name):
                 example = parse_row(row, f"{file}:{line_no}")
                 report.add_row(example.shape)
                 tokenized = tokenize(example)
@@ -98,12 +99,27 @@ class TokenizedDataset:
         return examples, report, np.asarray(source_rows, dtype=np.int64)
 
 
-def fingerprint_files(files, *parts) -> str:
-    """sha256 of the files' bytes and of `parts` (tokenizer fingerprint, settings, column names)."""
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
+_FILE_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime) -> sha256: each file is read once per process
+
+
+def file_digest(path) -> str:
+    """sha256 of one file's bytes (remembered for the process, keyed by path, size and modification time)."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
-    digest.update(repr(parts).encode())
-    return digest.hexdigest()
+        _FILE_DIGESTS[key] = digest.hexdigest()
+    return _FILE_DIGESTS[key]
+
+
+def files_digest(files) -> str:
+    """sha256 of the files' contents, in order (what a run's checkpoint records as its data)."""
+    return hashlib.sha256("\n".join(file_digest(f) for f in files).encode()).hexdigest()
+
+
+def fingerprint_files(files, *parts) -> str:
+    """sha256 of the files' contents and of `parts` (tokenizer fingerprint, settings, column names)."""
+    return hashlib.sha256((files_digest(files) + repr(parts)).encode()).hexdigest()

@@ -2,10 +2,13 @@
 `model.data.data_prefix` mapping of splits to files.
 
 A *row* is one JSON object (or parquet record) as the file holds it; each task's `rows.py` turns
-rows into its example type. Errors name the file and line.
+rows into its example type. Errors name the file and line (bad JSON, bytes that are not UTF-8) or the
+config key (a file that is missing, a directory, unreadable); `check_data_files` runs the file checks
+for every split at start-up, before anything is tokenised.
 """
 
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -14,16 +17,38 @@ class DataError(ValueError):
     """A bad input row or file; the message names the file and line."""
 
 
-def read_rows(path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, row dict) from a .jsonl or .parquet file; bad JSON names file and line."""
+def check_file(path, key: str = "model.data.data_prefix") -> Path:
+    """`path` is a readable file, or DataError naming the config key and what was expected."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{key}: {path} is a directory; expected a data file (.jsonl, .parquet, or a packed "
+                        ".safetensors file); list the files themselves")
     if not path.is_file():
-        raise DataError(f"{path}: data file not found")
+        raise DataError(f"{key}: {path}: data file not found")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{key}: {path}: data file not readable (permission denied)")
+    return path
+
+
+def check_data_files(data_prefix, splits=("train", "validation", "test")) -> None:
+    """Every file of every split of model.data.data_prefix exists and is a readable file."""
+    if data_prefix is None:
+        return
+    for split in splits:
+        for file in split_files(data_prefix, split):
+            check_file(file, f"model.data.data_prefix.{split}")
+
+
+def read_rows(path, key: str = "model.data.data_prefix") -> Iterator[tuple[int, dict]]:
+    """Yield (line number, row dict) from a .jsonl or .parquet file; bad JSON or non-UTF-8 bytes name file and
+    line, a missing file or a directory the config key."""
+    path = check_file(path, key)
     if path.suffix == ".parquet":
         yield from _read_parquet(path)
         return
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = _decode(raw, path, line_no)
             if not line.strip():
                 continue
             try:
@@ -33,6 +58,14 @@ def read_rows(path) -> Iterator[tuple[int, dict]]:
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
             yield line_no, row
+
+
+def _decode(raw: bytes, path: Path, line_no: int) -> str:
+    try:
+        return raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a byte-order mark is not part of the JSON
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}:{line_no}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte {err.start + 1} of "
+                        "the line); save the file as UTF-8") from None
 
 
 def _read_parquet(path):

@@ -7,7 +7,10 @@
 A wrapped projection computes `base(x) + scale * B(A(dropout(x)))` with A: [r, in], B: [out, r] and
 scale = alpha / r (alpha null = r, i.e. scale 1, as NeMo; PEFT's default lora_alpha=8 differs, and
 the PEFT export writes our actual alpha). NeMo's default init (A xavier, B zero) makes the adapter
-output 0 at the start, so a fresh LoRA model computes exactly what the base does. With adapters off
+output 0 at the start, so a fresh LoRA model computes exactly what the base does. Each adapter's
+random init is drawn from its own generator seeded by (seed, module name), so it does not depend on
+the global RNG, on the order modules are wrapped or on which pipeline stage holds the module: a run
+from a checkpoint under pp2 starts from the adapters one process would draw. With adapters off
 the wrapper returns `base(x)` untouched, bit for bit, whatever A and B hold.
 
 GPTModel itself has no LoRA code. Wrapping renames the base parameters (`q_proj.weight` becomes
@@ -18,6 +21,7 @@ tensor-parallel plan can shard each with the stock DTensor styles
 """
 
 import contextlib
+import hashlib
 import math
 
 import torch
@@ -25,19 +29,30 @@ from torch import nn
 
 from nemo_aligner.models.lora_names import INIT_METHODS, PROJECTIONS, TARGET_ALIASES, resolve_target_modules
 
-def init_lora_weight(weight: torch.Tensor, method: str) -> None:
-    """NeMo's adapter inits: xavier normal, N(0, 0.2), kaiming uniform (a=sqrt 5), zero."""
+def init_lora_weight(weight: torch.Tensor, method: str, generator: torch.Generator | None = None) -> None:
+    """NeMo's adapter inits: xavier normal, N(0, 0.2), kaiming uniform (a=sqrt 5), zero. With `generator` (a CPU
+    one) the values are drawn on the CPU and copied in, so they are the same on every device."""
+    if method not in INIT_METHODS:
+        raise ValueError(f"LoRA init method {method!r}; expected one of {list(INIT_METHODS)}")
     with torch.no_grad():
+        if method == "zero":
+            weight.zero_()
+            return
+        values = torch.empty(weight.shape, dtype=torch.float32) if generator is not None else weight
         if method == "xavier":
-            nn.init.xavier_normal_(weight)
+            nn.init.xavier_normal_(values, generator=generator)
         elif method == "normal":
-            nn.init.normal_(weight, mean=0.0, std=0.2)
-        elif method == "kaiming":
-            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-        elif method == "zero":
-            nn.init.zeros_(weight)
+            nn.init.normal_(values, mean=0.0, std=0.2, generator=generator)
         else:
-            raise ValueError(f"LoRA init method {method!r}; expected one of {list(INIT_METHODS)}")
+            nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
+        if values is not weight:
+            weight.copy_(values)
+
+
+def adapter_generator(seed: int, module_name: str, matrix: str) -> torch.Generator:
+    """A CPU generator for one adapter matrix ("A" or "B"), seeded by (seed, module name) alone."""
+    digest = hashlib.sha256(f"{seed}:{module_name}:{matrix}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 class LoRALinear(nn.Module):
@@ -117,9 +132,10 @@ def freeze_base(model: nn.Module) -> None:
         param.requires_grad_(".lora_A." in f".{name}" or ".lora_B." in f".{name}")
 
 
-def apply_lora(model: nn.Module, cfg) -> list[str]:
+def apply_lora(model: nn.Module, cfg, seed: int = 0) -> list[str]:
     """Wrap every target projection of `model` (a GPTModel, a ModelWithHead around one, or a pipeline
-    stage) with an adapter built from `cfg` (model.peft.lora_tuning); freeze the rest. Returns wrapped names."""
+    stage) with an adapter built from `cfg` (model.peft.lora_tuning); freeze the rest. Returns wrapped names.
+    `seed` (model.seed) and each module's name fix its adapter's init (`adapter_generator`)."""
     leaves = resolve_target_modules(cfg.target_modules)
     rank = cfg.adapter_dim
     alpha = cfg.alpha if cfg.alpha is not None else rank
@@ -129,8 +145,9 @@ def apply_lora(model: nn.Module, cfg) -> list[str]:
                          f"of this model (e.g. gate_proj on a model without a gated MLP)")
     for name in targets:
         wrapped = wrap_linear(model, name, rank, alpha / rank, cfg.adapter_dropout)
-        init_lora_weight(wrapped.lora_A.weight, cfg.column_init_method)
-        init_lora_weight(wrapped.lora_B.weight, cfg.row_init_method)
+        module = name.removeprefix("model.")  # the GPTModel's name, also when wrapped in a ModelWithHead
+        init_lora_weight(wrapped.lora_A.weight, cfg.column_init_method, adapter_generator(seed, module, "A"))
+        init_lora_weight(wrapped.lora_B.weight, cfg.row_init_method, adapter_generator(seed, module, "B"))
     freeze_base(model)
     return list(targets)
 

@@ -2,7 +2,8 @@
 
 `run_dpo(cfg)` is what examples/nlp/gpt/train_gpt_dpo.py calls; tests call it directly. Outputs in
 the log dir: metrics.jsonl, tensorboard/, checkpoints/, hf/, curves.png, ref_logps/ (precomputed
-reference log-probs).
+reference log-probs, for the splits the run uses: no validation pass with limit_val_batches=0; the
+test split, when given, is evaluated once at the end).
 """
 
 import copy
@@ -15,18 +16,17 @@ from nemo_aligner.config.dpo import DPORunConfig
 from nemo_aligner.data.layout import DataLayout, layout, packed_layout
 from nemo_aligner.data.preference.dataset import PreferenceDataset, options_from_config
 from nemo_aligner.data.preference.packed_file import load_packed_dataset
-from nemo_aligner.data.rows import split_files
-from nemo_aligner.recipes.skeleton import build_policy, build_run, log_reports, start_run, train
+from nemo_aligner.recipes.skeleton import build_policy, build_run, log_reports, start_run, train, used_splits
 
 log = logging.getLogger("nemo_aligner")
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "test")
 
 
-def load_layouts(cfg: DPORunConfig, tokenizer) -> tuple[DataLayout, DataLayout | None]:
-    """(train, validation or None): jsonl/parquet pairs tokenised now (packed now with model.data.packing),
-    or packs read from prepare_packed_dpo_dataset.py's files (model.data.data_impl=packed_jsonl)."""
+def load_layouts(cfg: DPORunConfig, tokenizer) -> tuple[DataLayout, DataLayout | None, DataLayout | None]:
+    """(train, validation or None, test or None): jsonl/parquet pairs tokenised now (packed now with
+    model.data.packing), or packs read from prepare_packed_dpo_dataset.py's files (data_impl=packed_jsonl)."""
     data, model = cfg.model.data, cfg.model
-    files = {split: split_files(data.data_prefix, split) for split in SPLITS}
+    files = used_splits(cfg, cfg.trainer.dpo)
     if data.data_impl == "packed_jsonl":
         return tuple(_packed(cfg, tokenizer, files[split], split) for split in SPLITS)
     for split in SPLITS:
@@ -50,7 +50,8 @@ def _packed(cfg, tokenizer, files, split):
     data = cfg.model.data
     dataset = load_packed_dataset(files, tokenizer_fingerprint=tokenizer.fingerprint(),
                                   max_pack_size=cfg.model.encoder_seq_length, name=f"model.data.data_prefix.{split}",
-                                  default_rewards=(data.default_chosen_reward, data.default_rejected_reward))
+                                  default_rewards=(data.default_chosen_reward, data.default_rejected_reward),
+                                  vocab_size=tokenizer.vocab_size)
     return packed_layout(dataset, dataset.packs, dataset.pack_size, "packed files", split)
 
 
@@ -73,15 +74,15 @@ def setup_reference(cfg: DPORunConfig, start, run, algorithm, reference_copy, la
 
 def run_dpo(cfg: DPORunConfig) -> dict:
     start = start_run(cfg)
-    train_data, val_data = load_layouts(cfg, start.tokenizer)
-    log_reports({"train": train_data, "validation": val_data})
+    train_data, val_data, test_data = load_layouts(cfg, start.tokenizer)
+    layouts = {"train": train_data, "validation": val_data, "test": test_data}
+    log_reports(layouts)
     model = build_policy(start)
     algorithm = DPOAlgorithm(DPOSettings.from_config(cfg.model.dpo), start.tokenizer.pad_id)
     if not algorithm.settings.needs_reference:
         log.info("loss %s is reference-free: no reference pass", algorithm.settings.loss_types)
     online = algorithm.settings.needs_reference and cfg.model.ref_mode == "online"
     reference_copy = copy.deepcopy(model) if online else None  # before the policy is sharded
-    run = build_run(start, model, algorithm, (train_data, val_data))
-    algorithm.reference = setup_reference(cfg, start, run, algorithm, reference_copy,
-                                          {"train": train_data, "validation": val_data})
-    return train(start, run, algorithm, train_data, val_data, cfg.trainer.dpo)
+    run = build_run(start, model, algorithm, (train_data, val_data, test_data))
+    algorithm.reference = setup_reference(cfg, start, run, algorithm, reference_copy, layouts)
+    return train(start, run, algorithm, train_data, val_data, cfg.trainer.dpo, test_data=test_data)

@@ -28,7 +28,7 @@ from nemo_aligner.data.packing import ALGORITHMS
 from nemo_aligner.data.preference.dataset import PreferenceDataset, options_from_config
 from nemo_aligner.data.preference.packed_file import check_pack_size, packed_file_name, write_packed_file
 from nemo_aligner.data.rows import split_files
-from nemo_aligner.recipes.skeleton import load_tokenizer
+from nemo_aligner.recipes.skeleton import load_tokenizer, user_errors_exit
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "nlp" / "gpt" / "conf" / "gpt_dpo.yaml"
 SPLITS = ("train", "validation", "test")
@@ -209,8 +209,6 @@ def _next_steps(results) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    try:
+    with user_errors_exit():  # ConfigError, DataError, packing and file errors: one message, not a traceback
         cfg, args = parse_args(sys.argv[1:] if argv is None else argv)
         return prepare_packed_dpo(cfg, args)
-    except ValueError as err:  # ConfigError, DataError and packing errors: a message, not a traceback
-        sys.exit(f"error: {err}")

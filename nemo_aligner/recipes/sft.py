@@ -9,18 +9,17 @@ tokenizer carries the chat template the data was rendered with, so a DPO run sta
 from nemo_aligner.algorithms.sft import SFTAlgorithm, SFTSettings
 from nemo_aligner.config.sft import SFTRunConfig
 from nemo_aligner.data.layout import DataLayout, layout
-from nemo_aligner.data.rows import split_files
 from nemo_aligner.data.sft.dataset import SFTDataset, options_from_config
-from nemo_aligner.recipes.skeleton import build_policy, build_run, log_reports, start_run, train
+from nemo_aligner.recipes.skeleton import build_policy, build_run, log_reports, start_run, train, used_splits
 
 
-def load_layouts(cfg: SFTRunConfig, tokenizer) -> tuple[DataLayout, DataLayout | None]:
-    """(train, validation or None): examples tokenised now, one per item or (model.data.packing) packed."""
+def load_layouts(cfg: SFTRunConfig, tokenizer) -> tuple[DataLayout, DataLayout | None, DataLayout | None]:
+    """(train, validation or None, test or None): examples tokenised now, one per item or (model.data.packing)
+    packed; only the splits the run uses (no validation with limit_val_batches=0)."""
     data, model = cfg.model.data, cfg.model
     settings, columns = options_from_config(model)
     out = []
-    for split in ("train", "validation"):
-        files = split_files(data.data_prefix, split)
+    for split, files in used_splits(cfg, cfg.trainer.sft).items():
         dataset = (SFTDataset.from_files(files, tokenizer, settings, columns, name=f"model.data.data_prefix.{split}")
                    if files or split == "train" else None)
         out.append(layout(dataset, packing=data.packing, pack_size=data.pack_size or model.seq_length,
@@ -30,11 +29,11 @@ def load_layouts(cfg: SFTRunConfig, tokenizer) -> tuple[DataLayout, DataLayout |
 
 def run_sft(cfg: SFTRunConfig) -> dict:
     start = start_run(cfg)
-    train_data, val_data = load_layouts(cfg, start.tokenizer)
-    log_reports({"train": train_data, "validation": val_data})
+    train_data, val_data, test_data = load_layouts(cfg, start.tokenizer)
+    log_reports({"train": train_data, "validation": val_data, "test": test_data})
     model = build_policy(start)
     algorithm = SFTAlgorithm(SFTSettings.from_config(cfg.model.sft), start.tokenizer.pad_id)
-    run = build_run(start, model, algorithm, (train_data, val_data))
+    run = build_run(start, model, algorithm, (train_data, val_data, test_data))
     if cfg.model.data.chat_template is not None:  # export the template the model was trained with
         start.tokenizer.chat_template = cfg.model.data.chat_template
-    return train(start, run, algorithm, train_data, val_data, cfg.trainer.sft)
+    return train(start, run, algorithm, train_data, val_data, cfg.trainer.sft, test_data=test_data)

@@ -1,10 +1,14 @@
 """Resumable checkpoints: model + optimiser through torch.distributed.checkpoint, the rest as JSON.
 
-Layout: <log_dir>/checkpoints/step_00000012/ holding DCP shards, `trainer_state.json` (step,
-consumed samples, monitored metric, RNG seed state) and nothing else. A checkpoint is written into
-`step_N.tmp` and renamed when complete, so a kill mid-save never leaves a half checkpoint that
-looks valid; incomplete folders are ignored (and removed on the next save). Works for plain
-modules and for DTensor/FSDP2-sharded ones (each rank writes its own shards).
+Layout: <log_dir>/checkpoints/step_00000012/ holding DCP shards and `trainer_state.json` (step,
+consumed samples, monitored metric, the parallel layout, the run's identity and config, and the
+manifest: every other file of the folder with its size). A checkpoint is written into `step_N.tmp`,
+its manifest last, and renamed when complete; a folder counts as complete only when its state file
+parses and every file of its manifest is there with its size, so a kill at any moment of a save never
+leaves a checkpoint that looks valid (incomplete folders are ignored, and removed on the next save).
+A step that already has a complete checkpoint is never written again (its state is the same), so no
+save ever deletes a complete checkpoint before its replacement exists. Works for plain modules and for
+DTensor/FSDP2-sharded ones (each rank writes its own shards).
 """
 
 import contextlib
@@ -51,6 +55,35 @@ def _state_options(model) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen, flatten_optimizer_state_dict=True)
 
 
+def read_state(path: Path) -> dict:
+    """The trainer state of a checkpoint folder ({} when missing or unreadable)."""
+    try:
+        state = json.loads((Path(path) / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def is_complete(path: Path) -> bool:
+    """The state file parses and every file its manifest lists is there with its size. Checkpoints written
+    before manifests existed count when their state file and DCP's .metadata are there."""
+    state = read_state(path)
+    if "step" not in state:
+        return False
+    files = state.get("files")
+    if files is None:
+        return (Path(path) / ".metadata").is_file()
+    for name, size in files.items():
+        file = Path(path) / name
+        if not file.is_file() or file.stat().st_size != size:
+            return False
+    return True
+
+
+def _write_json(path: Path, record: dict) -> None:
+    path.write_text(json.dumps(record, indent=2, default=str))
+
+
 class Checkpointer:
     def __init__(self, directory, save_top_k: int = 3, monitor: str = "val_loss", mode: str = "min",
                  topology: dict | None = None):
@@ -63,23 +96,27 @@ class Checkpointer:
         self.topology = topology
 
     def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first (see the module docstring for what complete means)."""
         if not self.dir.is_dir():
             return []
-        found = [p for p in self.dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
-                 and (p / STATE_FILE).is_file()]
+        found = [p for p in self.dir.glob("step_*") if p.is_dir() and p.name[5:].isdigit() and is_complete(p)]
         return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
     def latest(self) -> Path | None:
-        done = self.complete()
+        """The newest complete checkpoint whose weights were finite (where a resume starts)."""
+        done = [p for p in self.complete() if read_state(p).get("finite", True)]
         return done[-1] if done else None
 
     @staticmethod
     def step_of(path: Path) -> int:
         """The optimiser step a complete checkpoint was taken after."""
-        return int(json.loads((path / STATE_FILE).read_text())["step"])
+        return int(read_state(path)["step"])
 
     def save(self, step: int, model, optimizer, trainer_state: dict) -> Path:
         final = self.dir / f"step_{step:08d}"
+        if final.is_dir() and is_complete(final):  # same step, same state: never rewrite a complete checkpoint
+            log.info("checkpoint %s exists and is complete; not written again", final)
+            return final
         tmp = self.dir / f"step_{step:08d}.tmp"
         if _is_rank_zero():
             if tmp.exists():
@@ -90,10 +127,13 @@ class Checkpointer:
         state = {"model": model_sd, "optim": optim_sd, "rng": torch.get_rng_state()}
         with _single_process_quiet():
             dcp.save(state, checkpoint_id=str(tmp))
+        _barrier()  # every rank's shards are written before the manifest lists them
         if _is_rank_zero():
             extra = {"topology": self.topology} if self.topology is not None else {}
-            (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, **extra, "step": step}, indent=2))
-            if final.exists():
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            record = {**trainer_state, **extra, "step": step, "files": files}
+            _write_json(tmp / STATE_FILE, record)  # last: a folder without it (or with a torn one) is incomplete
+            if final.exists():  # an incomplete folder of the same step (a kill between two renames)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             self._prune()
@@ -101,7 +141,7 @@ class Checkpointer:
         return final
 
     def load(self, path: Path, model, optimizer) -> dict:
-        saved = json.loads((path / STATE_FILE).read_text())
+        saved = read_state(path)
         layout = saved.get("topology") or {"pp": 1, "dp": 1, "tp": 1}
         mine = self.topology or {"pp": 1, "dp": 1, "tp": 1}
         if {k: layout.get(k, 1) for k in mine} != mine:
@@ -115,17 +155,22 @@ class Checkpointer:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=_state_options(model))
         torch.set_rng_state(state["rng"])
-        return json.loads((path / STATE_FILE).read_text())
+        return saved
 
     def _prune(self):
-        """Keep the latest checkpoint (for resume) and the `save_top_k` best by the monitored metric."""
+        """Keep the latest checkpoint, the newest finite one (for resume) and the `save_top_k` best by the
+        monitored metric. Temporary folders of interrupted saves go."""
+        for stale in self.dir.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         done = self.complete()
         if self.save_top_k < 0 or len(done) <= 1:
             return
         keep = {done[-1]}
+        if (resume_point := self.latest()) is not None:
+            keep.add(resume_point)
         scored = []
         for path in done:
-            value = json.loads((path / STATE_FILE).read_text()).get("monitor_value")
+            value = read_state(path).get("monitor_value")
             if value is not None:
                 scored.append((value, path))
         scored.sort(key=lambda vp: vp[0], reverse=self.mode == "max")
@@ -135,5 +180,3 @@ class Checkpointer:
         for path in done:
             if path not in keep:
                 shutil.rmtree(path)
-        for stale in self.dir.glob("step_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)

@@ -7,6 +7,10 @@ supplies the executor that runs the model, the data-parallel group and the gradi
 clipping. The loop
 samples *items* (`data.layout`: examples, or packs of them). The data order is a function of
 (seed, epoch) only, so a resumed run continues the exact trajectory of an uninterrupted one.
+
+After every step the loop asks `training.signals.StopWatch` whether to stop (SIGTERM / SIGUSR1 /
+trainer.max_time: save and return); `training.guards` stops it before an update whose loss or gradient
+norm is not finite and before a checkpoint of non-finite weights, and warns about dead gradients.
 """
 
 import logging
@@ -18,8 +22,11 @@ import numpy as np
 import torch
 
 from nemo_aligner.parallel.data_parallel import split_for_rank, strided_share
+from nemo_aligner.training.guards import DeadGradientWatch, NonFiniteError, check_finite, weights_finite
+from nemo_aligner.training.signals import StopWatch
 
 log = logging.getLogger(__name__)
+HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")  # optimiser settings that may change on resume
 
 
 class GlobalBatchSampler:
@@ -79,22 +86,32 @@ class LoopState:
 class Trainer:
     def __init__(self, *, model, algorithm, optimizer, scheduler, run, train_data, val_data, loop, plan: TrainingPlan,
                  logger, progress=None, checkpointer=None, monitor: str = "val_loss", data_metrics: dict | None = None,
-                 after_validation=None):
+                 stop: StopWatch | None = None, identity: dict | None = None, run_config: dict | None = None,
+                 test_data=None, after_validation=None):
         """model: this rank's GPTModel (parameters, train/eval, checkpoints); run: a ParallelRun (executor,
         data-parallel group, gradient completion and clipping); loop: trainer.<algorithm> (clipping, save and validation
-        limits); train_data / val_data: DataLayouts; after_validation(step): called after every validation
-        (exp_manager.val_samples: generated replies)."""
+        limits); train_data / val_data / test_data: DataLayouts (test: evaluated whole at the last step); stop:
+        signals and max_time (training.signals); identity / run_config: what made the run and its flattened
+        config, stored with every checkpoint (training.run_dir); after_validation(step): called after every
+        validation (exp_manager.val_samples: generated replies)."""
         self.model, self.algorithm, self.optimizer, self.scheduler = model, algorithm, optimizer, scheduler
         self.run, self.executor, self.dp = run, run.executor, run.dp
         self.executor.algorithm = algorithm
-        self.train_data, self.val_data = train_data, val_data
+        self.train_data, self.val_data, self.test_data = train_data, val_data, test_data
         self.loop, self.plan, self.logger, self.progress, self.checkpointer = loop, plan, logger, progress, checkpointer
         self.sampler, self.max_steps, self.val_every = plan.sampler, plan.max_steps, plan.val_every
         self.micro_batch_size, self.monitor = plan.micro_batch_size, monitor
         self.data_metrics = data_metrics or {}
         self.after_validation = after_validation
+        self.stop = stop or StopWatch()
+        self.identity, self.run_config = identity, run_config
+        # the optimiser's hyperparameters as configured: a resume loads the checkpoint's and puts these back,
+        # so lr, betas, weight decay (and the schedule) may change between runs
+        self.configured = [{k: g[k] for k in HYPERPARAMETERS if k in g} for g in optimizer.param_groups]
+        self.dead_gradient = DeadGradientWatch()
         self.state = LoopState()
         self.history: list[dict] = []
+        self.last_saved: str | None = None
 
     # ------------------------------------------------------------------ steps
     def _num_units(self, batches) -> int:
@@ -103,6 +120,7 @@ class Trainer:
         return int(self.dp.all_reduce_sum(local).item())
 
     def train_step(self, items: list) -> dict:
+        """One optimiser step; a non-finite loss or gradient norm raises NonFiniteError before the update."""
         self.model.train()
         micro = split_for_rank(items, self.micro_batch_size, self.dp)
         batches = [self.algorithm.make_batch(self.train_data.dataset, m, self.train_data.packed) for m in micro]
@@ -111,12 +129,20 @@ class Trainer:
         sums = self.executor.forward_backward(batches, num_units)
         tokens = sum(batch.num_real_tokens for batch in batches)
         grad_norm = self._clip()
-        self.optimizer.step()
-        self.scheduler.step()
         metrics = self._reduce(sums, num_units)
         metrics["grad_norm"] = grad_norm
+        check_finite(self.state.step + 1, metrics, ("loss", "grad_norm"), "train/", self._advice())
+        self.optimizer.step()
+        self.scheduler.step()
         metrics["tokens"] = self.dp.all_reduce_sum(torch.tensor([float(tokens)])).item()
         return metrics
+
+    def _advice(self) -> str:
+        resume = (f"resumes from {self.last_saved}" if self.last_saved else
+                  "starts afresh (there is no checkpoint yet)")
+        return (f"Lower model.optim.lr (now {self.configured[0].get('lr', 0):g}) and keep gradient clipping on "
+                f"(trainer.*.gradient_clip_val, now {self.loop.gradient_clip_val:g}); a rerun {resume} with the new "
+                "settings.")
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -130,71 +156,110 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
+        """val/* metrics over the first limit_val_batches global batches of the validation data ({}: none)."""
         limit = self.loop.limit_val_batches
         if self.val_data is None or limit == 0:
             return {}
-        self.model.eval()
-        items = self.val_data.items
-        n = len(items)
+        n = len(self.val_data.items)
         count = min(n, limit * self.sampler.global_batch_size) if isinstance(limit, int) else max(1, int(n * limit))
-        chosen = list(items[:count])
-        batches = [self.algorithm.make_batch(self.val_data.dataset, micro, self.val_data.packed)
+        metrics = self.evaluate(self.val_data, count)
+        check_finite(self.state.step, metrics, ("loss",), "val/", self._advice())
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, layout, count: int | None = None) -> dict:
+        """Metrics of the first `count` items of a data layout (all of them: None), forward only."""
+        self.model.eval()
+        chosen = list(layout.items if count is None else layout.items[:count])
+        batches = [self.algorithm.make_batch(layout.dataset, micro, layout.packed)
                    for micro in strided_share(chosen, self.micro_batch_size, self.dp)]
         num_units = self._num_units(batches)
         # Every data-parallel rank runs as many forwards as the busiest one (FSDP's all-gathers are
         # collective); the extra ones repeat real items and are not counted.
         num_real, num_forwards = len(batches), self.dp.all_reduce_max(len(batches))
-        filler = batches[:1] or [self.algorithm.make_batch(self.val_data.dataset, chosen[:1], self.val_data.packed)]
+        filler = batches[:1] or [self.algorithm.make_batch(layout.dataset, chosen[:1], layout.packed)]
         batches += filler * (num_forwards - num_real)
         sums = self.executor.evaluate(batches, num_units, num_real)
         return self._reduce(sums, num_units)
 
     # ------------------------------------------------------------------ the loop
-    def resume(self, path) -> None:
-        """Continue from the checkpoint at `path` (model, optimiser, step, consumed samples, RNG)."""
+    def resume(self, path) -> dict:
+        """Continue from the checkpoint at `path` (model, optimiser state, step, consumed samples, RNG), with the
+        configured optimiser hyperparameters and schedule (they may differ from the checkpoint's). Returns the
+        checkpoint's trainer state."""
         saved = self.checkpointer.load(path, self.model, self.optimizer)
         self.state = LoopState(step=saved["step"], consumed_samples=saved["consumed_samples"],
                                best=saved.get("best", {}))
+        for group, configured in zip(self.optimizer.param_groups, self.configured):
+            group.update(configured)
+            group["initial_lr"] = configured["lr"]
+        # the schedule at the resumed step, from the configured base lr (the same float arithmetic as
+        # LambdaLR.step, so an unchanged config continues bit for bit)
         self.scheduler.last_epoch = self.state.step
+        for group, base, multiplier in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                           self.scheduler.lr_lambdas):
+            group["lr"] = base * multiplier(self.state.step)
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.last_saved = str(path)
         log.info("resumed from %s at step %d", path, self.state.step)
+        return saved
 
     def fit(self) -> dict:
+        """Train to max_steps, or until a stop signal / trainer.max_time (result["stopped"] says why; a checkpoint
+        is saved at the step it stops after)."""
         initial_val = self.validate() if self.state.step == 0 else {}
         if initial_val:
             log.info("validation before training: %s", _fmt(initial_val))
             self._validated()
-        last_val, last_train, saved_at = {}, {}, None
+        last_val, last_train, saved_at, stopped, self.last_test = {}, {}, None, None, {}
         start_time = time.perf_counter()
         while self.state.step < self.max_steps:
-            epoch, k = divmod(self.state.step, self.sampler.steps_per_epoch)
             t0 = time.perf_counter()
-            items = [self.train_data.items[i] for i in self.sampler.global_batch(epoch, k)]
-            train = self.train_step(items)
-            step_time = time.perf_counter() - t0
-            self.state.step += 1
-            self.state.consumed_samples += self.sampler.global_batch_size
-            tokens = train.pop("tokens")
-            last_train = {**train, "lr": self.scheduler.get_last_lr()[0], "step_time": step_time, "epoch": epoch,
-                          "consumed_samples": self.state.consumed_samples,
-                          "tokens_per_sec": tokens / step_time}
-            record = {f"train/{k}": v for k, v in last_train.items()} | self.data_metrics
-            if self.state.step % self.val_every == 0 or self.state.step == self.max_steps:
-                last_val = self.validate()
-                record |= {f"val/{k}": v for k, v in last_val.items()}
-                self._validated()
-            self.logger.log(self.state.step, record)
-            self.history.append(record)
-            if self.progress is not None:
-                shown = {k: last_train[k] for k in self.algorithm.headline_metrics if k in last_train}
-                self.progress.update(self.state.step, {**shown, "tok/s": last_train["tokens_per_sec"]})
+            last_train, val = self._train_and_log()
+            last_val = val or last_val
             if self._should_save():
                 self._save(last_val)
                 saved_at = self.state.step
+            self.stop.note_iteration(time.perf_counter() - t0)
+            stopped = self.stop.should_stop()
+            if stopped is not None:
+                log.info("stopping after step %d of %d: %s", self.state.step, self.max_steps, stopped)
+                break
         if self.checkpointer is not None and saved_at != self.state.step and self.state.step > 0:
             self._save(last_val)
-        return {"initial_val": initial_val, "train": last_train, "val": last_val, "steps": self.state.step,
-                "time": time.perf_counter() - start_time}
+        return {"initial_val": initial_val, "train": last_train, "val": last_val, "test": self.last_test,
+                "steps": self.state.step, "time": time.perf_counter() - start_time, "stopped": stopped}
+
+    def _train_and_log(self) -> tuple[dict, dict]:
+        """One step, its validation when due (and the test split after the last step), its metrics record logged;
+        returns (train metrics, val metrics)."""
+        epoch, k = divmod(self.state.step, self.sampler.steps_per_epoch)
+        t0 = time.perf_counter()
+        items = [self.train_data.items[i] for i in self.sampler.global_batch(epoch, k)]
+        train = self.train_step(items)
+        step_time = time.perf_counter() - t0
+        self.state.step += 1
+        self.state.consumed_samples += self.sampler.global_batch_size
+        tokens = train.pop("tokens")
+        train = {**train, "lr": self.scheduler.get_last_lr()[0], "step_time": step_time, "epoch": epoch,
+                 "consumed_samples": self.state.consumed_samples, "tokens_per_sec": tokens / step_time}
+        self.dead_gradient.update(self.state.step, train["grad_norm"], train.get("loss", float("nan")))
+        record = {f"train/{k}": v for k, v in train.items()} | self.data_metrics
+        val = {}
+        if self.state.step % self.val_every == 0 or self.state.step == self.max_steps:
+            val = self.validate()
+            record |= {f"val/{k}": v for k, v in val.items()}
+            self._validated()
+        if self.state.step == self.max_steps and self.test_data is not None:  # the test split, once, at the end
+            self.last_test = self.evaluate(self.test_data)
+            check_finite(self.state.step, self.last_test, ("loss",), "test/", self._advice())
+            record |= {f"test/{k}": v for k, v in self.last_test.items()}
+        self.logger.log(self.state.step, record)
+        self.history.append(record)
+        if self.progress is not None:
+            shown = {k: train[k] for k in self.algorithm.headline_metrics if k in train}
+            self.progress.update(self.state.step, {**shown, "tok/s": train["tokens_per_sec"]})
+        return train, val
 
     def _validated(self) -> None:
         if self.after_validation is not None and self.val_data is not None:
@@ -205,12 +270,19 @@ class Trainer:
         return self.checkpointer is not None and every > 0 and self.state.step % every == 0
 
     def _save(self, val: dict):
+        if not weights_finite(self.model):
+            raise NonFiniteError(f"step {self.state.step}: the weights hold NaN or inf values; no checkpoint is "
+                                 f"written from them. {self._advice()}")
         metric = self.monitor.removeprefix("val_")
         value = val.get(metric)
-        self.checkpointer.save(self.state.step, self.model, self.optimizer, {
+        t0 = time.perf_counter()
+        path = self.checkpointer.save(self.state.step, self.model, self.optimizer, {
             "consumed_samples": self.state.consumed_samples, "monitor": self.monitor,
             "monitor_value": None if value is None or math.isnan(value) else value, "best": self.state.best,
+            "finite": True, "identity": self.identity, "config": self.run_config,
         })
+        self.stop.note_save(time.perf_counter() - t0)
+        self.last_saved = str(path)
 
 
 def _fmt(metrics: dict) -> str:

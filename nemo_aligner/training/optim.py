@@ -14,10 +14,11 @@ Schedule: `lr_at(step, ...)` is a pure function and the scheduler is a `LambdaLR
   - `CosineAnnealing` (NeMo's): for W <= step < W + D, cosine from base_lr down to min_lr,
     min_lr + (base_lr - min_lr) * (1 + cos(pi * (step - W) / D)) / 2; then min_lr for the last C
     steps and for any step past M.
-    When C > M - W (NeMo's default C = 1000 on a short demo run) C is clamped to M - W, so D = 0 and
-    the LR drops to min_lr right after warmup. This is what NeMo itself does with such settings;
-    `build_scheduler` logs a warning because it is rarely what the user wanted (set
-    `model.optim.sched.constant_steps=0` for a full cosine decay).
+    When W + C >= M (NeMo's default C = 1000 on any run shorter than 1,010 steps) C is clamped to
+    M - W, so D = 0 and the LR drops to min_lr right after warmup. This is what NeMo itself does with
+    such settings; it is rarely what the user wanted, so `schedule_warning` describes it with the
+    resulting LR curve (logged at start-up; set `model.optim.sched.constant_steps=0` for a cosine
+    decay over the whole run). A warmup as long as the run (W >= M) is described the same way.
   - `constant`: base_lr after warmup, forever.
   - `linear`: after warmup, linear from base_lr to min_lr at step M, then min_lr. `constant_steps`
     is a CosineAnnealing parameter (as in NeMo) and is ignored here.
@@ -61,6 +62,14 @@ def build_optimizer(params_or_model, *, name: str = "adamw", lr: float, weight_d
     if fused is None:
         fused = all(p.device.type == "cuda" for g in groups for p in g["params"]) or None
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+def check_optimizer_settings(*, name: str, lr: float, weight_decay: float, betas, eps: float = 1e-8) -> None:
+    """What build_optimizer checks, without parameters (so a run can check model.optim before any work)."""
+    if name not in OPTIMIZER_NAMES:
+        raise ValueError(f"model.optim.name={name!r} is not supported; choose one of {', '.join(OPTIMIZER_NAMES)} "
+                         "(all of them run torch AdamW)")
+    _check_hyperparameters(lr, weight_decay, betas, eps)
 
 
 def _check_hyperparameters(lr, weight_decay, betas, eps) -> tuple[float, float]:
@@ -110,7 +119,7 @@ def _unique(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
 def lr_at(step: int, *, base_lr: float, name: str, max_steps: int, warmup_steps: int = 0,
           constant_steps: int = 0, min_lr: float = 0.0) -> float:
     """The LR of optimiser update `step + 1` (see the module docstring for each schedule)."""
-    _check_schedule(base_lr=base_lr, name=name, max_steps=max_steps, warmup_steps=warmup_steps,
+    check_schedule(base_lr=base_lr, name=name, max_steps=max_steps, warmup_steps=warmup_steps,
                     constant_steps=constant_steps, min_lr=min_lr)
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
@@ -131,7 +140,8 @@ def effective_constant_steps(max_steps: int, warmup_steps: int, constant_steps: 
     return min(constant_steps, max(0, max_steps - warmup_steps))
 
 
-def _check_schedule(*, base_lr, name, max_steps, warmup_steps, constant_steps, min_lr):
+def check_schedule(*, base_lr, name, max_steps, warmup_steps, constant_steps, min_lr):
+    """ValueError naming the model.optim.sched key whose value cannot work."""
     if name not in SCHEDULE_NAMES:
         raise ValueError(f"model.optim.sched.name={name!r} is not supported; choose one of {', '.join(SCHEDULE_NAMES)}")
     if max_steps < 1:
@@ -149,8 +159,9 @@ def _check_schedule(*, base_lr, name, max_steps, warmup_steps, constant_steps, m
 
 def build_scheduler(optimizer: torch.optim.Optimizer, *, name: str = "CosineAnnealing", max_steps: int,
                     warmup_steps: int = 0, constant_steps: int = 0, min_lr: float = 0.0,
-                    last_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR following `lr_at`; `last_step=N` resumes it after N optimiser steps.
+                    last_step: int = 0, warn: bool = True) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR following `lr_at`; `last_step=N` resumes it after N optimiser steps; `warn` logs
+    `schedule_warning` (a caller that has already shown it passes False).
 
     The base LR is the optimiser's `lr` (or `initial_lr`, which a scheduler or a loaded optimiser
     state records, so building after `optimizer.load_state_dict` still finds the configured LR).
@@ -161,10 +172,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, name: str = "CosineAnne
     base_lr = base_lrs.pop()
     settings = dict(base_lr=base_lr, name=name, max_steps=max_steps, warmup_steps=warmup_steps,
                     constant_steps=constant_steps, min_lr=min_lr)
-    _check_schedule(**settings)
+    check_schedule(**settings)
     if last_step < 0:
         raise ValueError(f"last_step={last_step} must be >= 0")
-    _warn_if_clamped(name, max_steps, warmup_steps, constant_steps)
+    if warn and (text := schedule_warning(**settings)):
+        log.warning(text)
 
     def multiplier(step: int) -> float:  # a plain function: kept out of the scheduler's state_dict
         return lr_at(step, **settings) / base_lr
@@ -175,10 +187,29 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, name: str = "CosineAnne
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier, last_epoch=last_step - 1)
 
 
-def _warn_if_clamped(name, max_steps, warmup_steps, constant_steps):
-    used = effective_constant_steps(max_steps, warmup_steps, constant_steps)
-    if name == "CosineAnnealing" and used != constant_steps:
-        log.warning("model.optim.sched.constant_steps=%d does not fit in max_steps=%d after %d warmup steps; "
-                    "using %d, so the LR drops to min_lr right after warmup (as NeMo does). Set "
-                    "model.optim.sched.constant_steps=0 for a full cosine decay.",
-                    constant_steps, max_steps, warmup_steps, used)
+def schedule_warning(*, base_lr: float, name: str, max_steps: int, warmup_steps: int = 0, constant_steps: int = 0,
+                     min_lr: float = 0.0) -> str | None:
+    """A warning with the resulting LR curve when the schedule's phases do not fit in max_steps (None: they do)."""
+    settings = dict(base_lr=base_lr, name=name, max_steps=max_steps, warmup_steps=warmup_steps,
+                    constant_steps=constant_steps, min_lr=min_lr)
+    if warmup_steps >= max_steps and warmup_steps > 0:
+        problem = (f"model.optim.sched.warmup_steps={warmup_steps} >= the run's {max_steps} steps: the lr never "
+                   f"reaches model.optim.lr={base_lr:g}")
+        fix = "lower warmup_steps"
+    elif name == "CosineAnnealing" and constant_steps > 0 and warmup_steps + constant_steps >= max_steps:
+        used = effective_constant_steps(max_steps, warmup_steps, constant_steps)
+        problem = (f"model.optim.sched.constant_steps={constant_steps} does not fit in max_steps={max_steps} after "
+                   f"{warmup_steps} warmup steps (using {used}): there is no cosine decay, the lr drops to "
+                   f"min_lr={min_lr:g} right after warmup, as NeMo does")
+        fix = "set model.optim.sched.constant_steps=0 for a cosine decay over the whole run"
+    else:
+        return None
+    return f"warning: {problem}. lr by step: {lr_curve(settings, max_steps)}. If that is not what you want, {fix}."
+
+
+def lr_curve(settings: dict, max_steps: int) -> str:
+    """'step 1: 9e-07, step 10: 9e-06, ...' at the steps where the schedule changes (1-based update numbers)."""
+    warmup = settings["warmup_steps"]
+    steps = {1, warmup, warmup + 1, warmup + 2, (warmup + max_steps) // 2, max_steps}
+    steps = sorted(k for k in steps if 1 <= k <= max_steps)
+    return ", ".join(f"step {k}: {lr_at(k - 1, **{**settings, 'max_steps': max_steps}):.3g}" for k in steps)

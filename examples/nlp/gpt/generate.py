@@ -12,31 +12,20 @@ template with the generation prompt, as in training); other columns are copied t
 conf/generate.yaml (every key documented in nemo_aligner/config/generate.py).
 """
 
-import sys
-
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from nemo_aligner.config import ConfigError, load_config
 from nemo_aligner.config.generate import GenerateRunConfig
-from nemo_aligner.data.rows import DataError
+from nemo_aligner.recipes.generate import run_generate
+from nemo_aligner.recipes.skeleton import main_entry
 
 ConfigStore.instance().store(name="generate_schema", node=GenerateRunConfig)
 
 
 @hydra.main(config_path="conf", config_name="generate", version_base="1.3")
 def main(raw: DictConfig) -> None:
-    try:
-        cfg = load_config(raw, GenerateRunConfig)
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
-    from nemo_aligner.recipes.generate import run_generate
-
-    try:
-        run_generate(cfg)
-    except (ValueError, DataError, ImportError, FileNotFoundError) as err:  # user mistakes: one line, no traceback
-        sys.exit(f"error: {err}")
+    main_entry(raw, GenerateRunConfig, run_generate)  # one-line user errors (exit 1), as the training scripts
 
 
 if __name__ == "__main__":

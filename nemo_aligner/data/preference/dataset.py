@@ -2,13 +2,23 @@
 
 Reference log-probs, when precomputed, are stored beside the pairs (`ref_chosen`, `ref_rejected`)
 and reach every micro-batch through the collate.
+
+A pair whose chosen and rejected responses are the same tokens carries no preference (its DPO loss is
+log 2 whatever the model does, its gradient 0): when most pairs are like that the data is wrong and
+loading fails; a few are counted and named (file:line) in a warning.
 """
+
+import logging
 
 import numpy as np
 
 from nemo_aligner.data.dataset import TokenizedDataset, TokenizeSettings, fingerprint_files
+from nemo_aligner.data.report import NAMED_SOURCES
+from nemo_aligner.data.rows import DataError
 from nemo_aligner.data.preference.rows import PreferenceColumns, preference_from_row
 from nemo_aligner.data.preference.tokenize import tokenize_pair
+
+log = logging.getLogger("nemo_aligner")
 
 
 class PreferenceDataset(TokenizedDataset):
@@ -38,12 +48,33 @@ class PreferenceDataset(TokenizedDataset):
     @classmethod
     def from_files(cls, files, tokenizer, settings: TokenizeSettings, columns: PreferenceColumns = PreferenceColumns(),
                    default_rewards=(1.0, 0.0), name: str = "data") -> "PreferenceDataset":
+        identical = []
+
+        def tokenize(example):
+            pair = tokenize_pair(example, tokenizer, settings)
+            if pair is not None and np.array_equal(pair.chosen, pair.rejected):
+                identical.append(example.source)
+            return pair
+
         pairs, report, source_rows = cls.read(files, lambda row, where: preference_from_row(row, where, columns),
-                                              lambda example: tokenize_pair(example, tokenizer, settings), name)
+                                              tokenize, name)
+        check_identical(identical, len(pairs), name)
         fingerprint = fingerprint_files(report.files, tokenizer.fingerprint(), settings.key(), columns.__dict__)
         dataset = cls(pairs, report, default_rewards, fingerprint)
         dataset.source_rows = source_rows
         return dataset
+
+
+def check_identical(sources: list[str], num_pairs: int, name: str) -> None:
+    """Fail when most pairs have chosen == rejected, warn (counted, named) when some do."""
+    if not sources:
+        return
+    shown = ", ".join(sources[:NAMED_SOURCES]) + (" ..." if len(sources) > NAMED_SOURCES else "")
+    text = (f"{name}: {len(sources)} of {num_pairs} pairs have the same chosen and rejected response ({shown}); such a "
+            "pair carries no preference (loss log 2, no gradient)")
+    if 2 * len(sources) > num_pairs:
+        raise DataError(f"{text}: check the chosen/rejected columns (model.data.chosen_key / rejected_key)")
+    log.warning("warning: %s and only adds a constant to the loss", text)
 
 
 def options_from_config(model_cfg) -> tuple[TokenizeSettings, PreferenceColumns, tuple[float, float]]:

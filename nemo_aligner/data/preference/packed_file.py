@@ -34,6 +34,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
+from nemo_aligner.data.dataset import file_digest
 from nemo_aligner.data.preference.dataset import PreferenceDataset
 from nemo_aligner.data.preference.tokenize import TokenizedPair
 from nemo_aligner.data.report import RowReport
@@ -238,10 +239,12 @@ def _check_arrays(path, a, metadata):
 
 
 def load_packed_dataset(files, *, tokenizer_fingerprint: str, max_pack_size: int, default_rewards=(1.0, 0.0),
-                        name: str = "data") -> PackedPreferenceDataset:
+                        name: str = "data", vocab_size: int | None = None) -> PackedPreferenceDataset:
     """One PackedPreferenceDataset from one or more packed files (made with the same tokenizer).
 
     `max_pack_size` is model.encoder_seq_length: a longer pack would not fit the model's sequence.
+    `vocab_size`: the tokenizer's; a token id outside it (a corrupt or foreign file) is an error naming the
+    file and the pair, at load time rather than as an IndexError inside the model.
     """
     files = [str(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
     if not files:
@@ -251,6 +254,8 @@ def load_packed_dataset(files, *, tokenizer_fingerprint: str, max_pack_size: int
     digest = hashlib.sha256(tokenizer_fingerprint.encode())
     for file in files:
         packed = read_packed_file(file)
+        if vocab_size is not None:
+            check_token_ids(packed, vocab_size)
         meta = packed.metadata
         if meta["tokenizer_fingerprint"] != tokenizer_fingerprint:
             raise ValueError(f"{file}: packed with another tokenizer (fingerprint {meta['tokenizer_fingerprint'][:16]}"
@@ -268,7 +273,7 @@ def load_packed_dataset(files, *, tokenizer_fingerprint: str, max_pack_size: int
         report.num_rows += meta["num_rows"]
         report.num_truncated += meta["num_truncated"]
         report.num_dropped += meta["num_dropped"]
-        digest.update(_file_sha256(file).encode())
+        digest.update(file_digest(file).encode())
         if list(meta.get("default_rewards", default_rewards)) != list(default_rewards):
             log.info("%s: packed with default rewards %s; rows without rewards now use model.data.default_*_reward "
                      "= %s", file, meta.get("default_rewards"), list(default_rewards))
@@ -279,9 +284,17 @@ def load_packed_dataset(files, *, tokenizer_fingerprint: str, max_pack_size: int
                                    metadata={"files": metadata})
 
 
-def _file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def check_token_ids(packed: PackedFile, vocab_size: int) -> None:
+    """Every token id of a packed file is in [0, vocab_size)."""
+    ids = packed.arrays["input_ids"]
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+    if not bad.size:
+        return
+    position = int(bad[0])
+    sequence = int(np.searchsorted(packed.arrays["seq_offsets"], position, side="right")) - 1
+    pair = sequence // 2
+    row = int(packed.arrays["source_rows"][pair])
+    raise ValueError(f"{packed.path}: pair {pair} (source row {row + 1 if row >= 0 else '?'}) holds token id "
+                     f"{int(ids[position])}, outside the tokenizer's vocabulary of {vocab_size} ({bad.size} such "
+                     "tokens in the file); the file is corrupt or was packed with another tokenizer: pack the data "
+                     "again with examples/nlp/data/dpo/prepare_packed_dpo_dataset.py")

@@ -13,6 +13,7 @@ Optional chosen_reward / rejected_reward on any shape.
 
 from dataclasses import dataclass
 
+from nemo_aligner.data.chat_templates import ROLES
 from nemo_aligner.data.rows import DataError, read_rows
 
 PROMPT_KEYS = ("prompt", "instruction")
@@ -113,6 +114,9 @@ def _check_messages(messages, what, where):
             raise DataError(f"{where}: {what}[{k}] must be an object with 'role' and 'content'")
         if not isinstance(m["content"], str):
             raise DataError(f"{where}: {what}[{k}].content must be a string")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: {what}[{k}] has unknown role {m['role']!r}; the chat templates accept "
+                            f"{list(ROLES)}")
 
 
 def _check_prompt(prompt, where):

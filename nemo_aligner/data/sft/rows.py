@@ -18,9 +18,9 @@ Tokenisation (chat template, exact label mask, over-length policy): data.sft.tok
 
 from dataclasses import dataclass
 
+from nemo_aligner.data.chat_templates import ROLES
 from nemo_aligner.data.rows import DataError, read_rows
 
-ROLES = ("system", "user", "assistant")
 NEMO_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
 
 
@@ -54,7 +54,8 @@ def _check_messages(messages, what: str, where: str) -> list:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise DataError(f"{where}: {what}[{k}] must be an object with 'role' and 'content'")
         if m["role"] not in ROLES:
-            raise DataError(f"{where}: {what}[{k}] has unknown role {m['role']!r}; expected one of {list(ROLES)}")
+            raise DataError(f"{where}: {what}[{k}] has unknown role {m['role']!r}; the chat templates accept "
+                            f"{list(ROLES)}")
         if not isinstance(m["content"], str):
             raise DataError(f"{where}: {what}[{k}].content must be a string, got {type(m['content']).__name__}")
         if m["role"] == "assistant" and not m["content"].strip():

@@ -2,16 +2,20 @@
 
 A family's name map is a list of `(hf_pattern, our_pattern)` pairs where `{i}` stands for a layer index;
 tensors that need more than a rename (fused or transposed weights) are handled by the family itself.
-Checkpoints are only ever read as safetensors: pickled `.bin` files are refused, never unpickled.
+Checkpoints are only ever read as safetensors: pickled `.bin` files are refused, never unpickled. A file
+that is not readable safetensors (truncated, corrupt) is reported with its path. `folder_fingerprint`
+identifies a folder's content cheaply (config, headers and a sample of the weight bytes), wherever it lives.
 """
 
+import contextlib
+import hashlib
 import json
 import os
 import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 SINGLE_FILE = "model.safetensors"
@@ -44,17 +48,32 @@ def read_config(path: Path) -> dict:
         raise ValueError(f"{config_file}: invalid JSON ({err})") from None
 
 
+@contextlib.contextmanager
+def open_safetensors(file: Path):
+    """safe_open, with errors that name the file (a truncated download otherwise reads as a bare header error)."""
+    try:
+        handle = safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file}: not a readable safetensors file ({err}); it is truncated or corrupt: download "
+                         "or export it again") from None
+    with handle as f:
+        yield f
+
+
 def weight_files(path: Path) -> dict[str, Path]:
     """Map every tensor name to the safetensors file holding it (single file or sharded with an index)."""
     if (path / INDEX_FILE).is_file():
-        index = json.loads((path / INDEX_FILE).read_text())
-        files = {name: path / shard for name, shard in index["weight_map"].items()}
+        try:
+            index = json.loads((path / INDEX_FILE).read_text())
+            files = {name: path / shard for name, shard in index["weight_map"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path / INDEX_FILE}: not a valid safetensors index ({err!r})") from None
         for shard in sorted(set(files.values())):
             if not shard.is_file():
                 raise FileNotFoundError(f"{shard}: listed in {path / INDEX_FILE} but missing")
         return files
     if (path / SINGLE_FILE).is_file():
-        with safe_open(path / SINGLE_FILE, framework="pt") as f:
+        with open_safetensors(path / SINGLE_FILE) as f:
             return {name: path / SINGLE_FILE for name in f.keys()}
     pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
     hint = f" (found {pickled}: pickled checkpoints are never loaded; convert them to safetensors)" if pickled else ""
@@ -67,16 +86,50 @@ def read_tensors(files: dict[str, Path], names, dtype: torch.dtype) -> dict[str,
         by_file.setdefault(files[name], []).append(name)
     out = {}
     for file, file_names in by_file.items():
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             for name in file_names:
+                try:
+                    tensor = f.get_tensor(name)
+                except (SafetensorError, OSError) as err:
+                    raise ValueError(f"{file}: cannot read tensor {name!r} ({err}); the file is truncated or "
+                                     "corrupt: download or export it again") from None
                 # a fresh allocation: safetensors' tensors start at arbitrary offsets (e.g. 40 mod 64), and
                 # misaligned weights make CPU matrix-vector products (decoding) up to 5x slower
-                out[name] = _aligned(f.get_tensor(name)).to(dtype)
+                out[name] = _aligned(tensor).to(dtype)
     return out
 
 
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.data_ptr() % 64 == 0 else torch.empty_like(tensor).copy_(tensor)
+
+
+def check_weight_files(path: Path) -> None:
+    """Every weight file of a Hugging Face folder opens as safetensors (headers only: cheap)."""
+    for file in sorted(set(weight_files(path).values())):
+        with open_safetensors(file):
+            pass
+
+
+SAMPLE_BYTES = 1 << 20
+
+
+def folder_fingerprint(path) -> str:
+    """sha256 of a model or adapter folder's content as far as it can be read cheaply: its JSON files, and for
+    each safetensors file its name, size, header and first and last MiB. Independent of where the folder is."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}\n".encode())
+        with open(file, "rb") as f:
+            if file.suffix == ".json":
+                digest.update(f.read())
+                continue
+            digest.update(f.read(SAMPLE_BYTES))
+            if size > SAMPLE_BYTES:
+                f.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
+                digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, max_shard_bytes: int) -> None:

@@ -341,8 +341,9 @@ def _install(inner, name, a, b, scale, dropout, source, hf_module):
 
 
 # ------------------------------------------------------------------------------------------------ recipes
-def setup_peft(model, peft_cfg) -> list[str]:
-    """model.peft: nothing (none), adapters restored from a PEFT folder, or fresh adapters (lora)."""
+def setup_peft(model, peft_cfg, seed: int = 0) -> list[str]:
+    """model.peft: nothing (none), adapters restored from a PEFT folder, or fresh adapters (lora) whose init
+    `seed` (model.seed) and the module names fix."""
     if peft_cfg.peft_scheme == "none":
         return []
     lora = peft_cfg.lora_tuning
@@ -350,7 +351,7 @@ def setup_peft(model, peft_cfg) -> list[str]:
         names = load_adapters(model, peft_cfg.restore_from_path, dropout=lora.adapter_dropout)
         how = f"restored from {peft_cfg.restore_from_path} (its ranks and targets; model.peft.lora_tuning ignored)"
     else:
-        names = apply_lora(model, lora)
+        names = apply_lora(model, lora, seed=seed)
         alpha = lora.alpha if lora.alpha is not None else lora.adapter_dim
         how = f"targets {list(lora.target_modules)}, rank {lora.adapter_dim}, alpha {alpha:g}"
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
