@@ -3,7 +3,7 @@ config against them with errors that name the key. Importing this package does n
 
     cfg = load_config(raw, DPORunConfig)   # raw: DictConfig / dict from Hydra or YAML
 
-Schemas: `config.sections` (what every recipe shares), `config.dpo`, `config.sft`;
+Schemas: `config.sections` (what every recipe shares), `config.dpo`, `config.sft`, `config.rm`;
 `config.nemo_compat` lists the NeMo keys that are accepted and ignored.
 """
 
@@ -13,9 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from nemo_aligner.config.dpo import DPORunConfig
+from nemo_aligner.config.rm import RMRunConfig
 from nemo_aligner.config.sft import SFTRunConfig
 
-__all__ = ["ConfigError", "load_config", "DPORunConfig", "SFTRunConfig"]
+__all__ = ["ConfigError", "load_config", "DPORunConfig", "RMRunConfig", "SFTRunConfig"]
 
 
 class ConfigError(ValueError):
