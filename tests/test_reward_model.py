@@ -306,6 +306,14 @@ def test_lora_from_a_causal_lm_trains_adapters_and_the_fresh_head(tmp_path, caus
         torch.testing.assert_close(theirs(ids).logits.view(()), trained.eval().logits(ids)[0, -1], rtol=0, atol=1e-5)
 
 
+def test_bf16_mixed_precision_scores_in_fp32(tmp_path):
+    from nemo_aligner.recipes.rm import run_rm
+
+    result = run_rm(rm_config(tmp_path, *FAST, "trainer.rm.max_steps=2", "trainer.precision=bf16-mixed",
+                              "exp_manager.create_checkpoint_callback=false"))
+    assert np.isfinite(result["train"]["loss"]) and result["train"]["rewards_all_std"] > 0
+
+
 def _cli(*args, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,

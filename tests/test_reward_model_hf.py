@@ -4,6 +4,7 @@ the scoring API against transformers, and LoRA reward models as PEFT SEQ_CLS fol
 
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -132,6 +133,12 @@ def test_scoring_api_gives_transformers_scores_in_the_order_given(tmp_path):
         scorer.score([[5, 6], []])
 
 
+def test_scoring_api_refuses_a_folder_without_a_trained_head(hf_checkpoints):
+    folder, _ = hf_checkpoints["qwen2"]
+    with pytest.raises(ValueError, match=r"no score\.weight, so not a reward model"):
+        RewardModel.load(folder)
+
+
 def test_lora_reward_model_exports_a_peft_seq_cls_folder_with_the_head(tmp_path):
     import peft
 
@@ -153,6 +160,9 @@ def test_lora_reward_model_exports_a_peft_seq_cls_folder_with_the_head(tmp_path)
     theirs = peft.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "adapters", num_labels=1).eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits.squeeze(-1), want, rtol=0, atol=1e-4)
+    scorer = RewardModel.load(tmp_path / "adapters")  # the scoring API reads the PEFT folder over its base
+    torch.testing.assert_close(scorer.score([ids[r, :p + 1].tolist() for r, p in enumerate(positions.tolist())]),
+                               want, rtol=0, atol=1e-5)
     restored = load_pretrained(tmp_path / "base", task=SEQ_CLS).eval()
     load_adapters(restored, tmp_path / "adapters")
     torch.testing.assert_close(our_scores(restored, ids, positions), want, rtol=0, atol=1e-5)
@@ -161,3 +171,22 @@ def test_lora_reward_model_exports_a_peft_seq_cls_folder_with_the_head(tmp_path)
 
     with pytest.raises(ValueError, match="sequence-classification head"):  # a causal LM cannot take them
         load_adapters(GPTModel(model.config), tmp_path / "adapters")
+
+
+@pytest.mark.skipif(not os.environ.get("NEMO_ALIGNER_REAL_MODEL"),
+                    reason="set NEMO_ALIGNER_REAL_MODEL=/path/to/a/causal-LM folder (e.g. SmolLM2-135M-Instruct)")
+def test_a_real_causal_lm_as_a_reward_model_exports_scores_transformers_reproduces(tmp_path):
+    from nemo_aligner.data.tokenizer import Tokenizer
+
+    folder = os.environ["NEMO_ALIGNER_REAL_MODEL"]
+    tok = Tokenizer.from_path(folder)
+    ours = load_pretrained(folder, task=SEQ_CLS).eval()
+    save_pretrained(ours, tmp_path / "rm", tokenizer=tok)
+    hf = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    texts = [tok.apply_chat_template(messages + [{"role": "assistant", "content": a}]) for a in ("Paris.", "Berlin.")]
+    sequences = [tok.encode(t) for t in texts]
+    scores = RewardModel.load(tmp_path / "rm").score(sequences)
+    with torch.no_grad():
+        want = torch.stack([hf(torch.tensor([s])).logits.view(()) for s in sequences])
+    torch.testing.assert_close(scores, want, rtol=0, atol=1e-4)

@@ -5,11 +5,13 @@ the policy, scoring token sequences with one float each.
     scores = scorer.score(prompt_ids, completion_ids)              # [N] float32, one per (prompt, completion)
     scores = RewardModel.load("/results/rm/hf").score(sequences)   # one process, its own run
 
-`load` reads a `<Family>ForSequenceClassification` folder (ours or one trained elsewhere) as a
-`models.score.ScoreModel`; with a policy's `ParallelRun` it is laid out like the policy
+`load` reads a `<Family>ForSequenceClassification` folder (ours or one trained elsewhere), or a PEFT
+SEQ_CLS folder (adapters + head over their base), as a `models.score.ScoreModel`; a folder without a
+trained head is refused; with a policy's `ParallelRun` it is laid out like the policy
 (`ParallelRun.wrap_frozen`: pipeline stage, tensor-parallel shards, FSDP over dp) and runs through the
 policy's executor. The score of a sequence is the head's output at its last token that is not the pad
-id (transformers' rule, and the position training reads: `data.scores`).
+id (transformers' rule, and the position training reads: `data.scores`). Token ids are the reward
+model's tokenizer's (the policy's when they share one).
 
 Distributed: each rank passes its own data-parallel rank's sequences (the same ones on its tp / pp
 peers) and gets their scores; a rank with fewer micro-batches repeats one, so every rank runs as many
@@ -18,13 +20,18 @@ run's fixed row length. Sequences are scored a micro-batch at a time, longest fi
 and returned in the order given.
 """
 
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from nemo_aligner.data.scores import collate_sequences, sequence_scores
 from nemo_aligner.models.hf import load_pretrained
+from nemo_aligner.models.hf.common import weight_files
+from nemo_aligner.models.hf.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SCORE_KEY, load_adapters
 from nemo_aligner.models.score import SEQUENCE_CLASSIFICATION, ScoreHead
 from nemo_aligner.parallel.mesh import Parallel
 from nemo_aligner.parallel.run import ParallelRun, stage_pruner
@@ -46,8 +53,7 @@ class RewardModel:
         """The reward model at `path`, frozen. run: the policy's run (laid out like it) or None (one process).
         pad_id: the id padding is made of and the score position skips; None = config.json's pad_token_id."""
         parallel = run.parallel if run is not None else Parallel()
-        model = load_pretrained(path, dtype=dtype, device=parallel.device, prune=stage_pruner(parallel),
-                                task=SEQUENCE_CLASSIFICATION)
+        model = _load_frozen_weights(Path(path), dtype, parallel)
         pad_id = pad_id if pad_id is not None else model.pad_token_id
         if pad_id is None:
             raise ValueError(f"{path}/config.json has no pad_token_id; pass pad_id (the tokenizer's) so the score "
@@ -87,3 +93,22 @@ class RewardModel:
         return out
 
     __call__ = score
+
+
+def _load_frozen_weights(path: Path, dtype, parallel):
+    """A reward model's folder (full, or PEFT adapters + head over their base) as a ScoreModel stage. A folder
+    without a trained head is refused: a fresh head would score at random."""
+    adapters = path / ADAPTER_CONFIG
+    base = Path(json.loads(adapters.read_text())["base_model_name_or_path"]) if adapters.is_file() else path
+    model = load_pretrained(base, dtype=dtype, device=parallel.device, prune=stage_pruner(parallel),
+                            task=SEQUENCE_CLASSIFICATION)
+    if adapters.is_file():
+        with safe_open(path / ADAPTER_WEIGHTS, "pt") as f:
+            has_head = SCORE_KEY in f.keys()
+        if not has_head:
+            raise ValueError(f"{path}: a PEFT folder without a score head ({SCORE_KEY}); not a reward model")
+        load_adapters(model, path)
+    elif "score.weight" not in weight_files(path):
+        raise ValueError(f"{path}: no score.weight, so not a reward model (a causal LM?); point at the hf/ folder "
+                         "of train_reward_model.py or any *ForSequenceClassification checkpoint")
+    return model
