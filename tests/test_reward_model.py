@@ -280,30 +280,53 @@ def test_packed_and_padded_runs_train_and_the_export_scores_equal_transformers(t
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
 
 
-def test_lora_from_a_causal_lm_trains_adapters_and_the_fresh_head(tmp_path, causal_lm, tok, caplog):
+@pytest.fixture
+def messages():
+    """The messages the "nemo_aligner" logger emits (it does not propagate to pytest's caplog)."""
+    import logging
+
+    records, logger = [], logging.getLogger("nemo_aligner")
+    handler, level = logging.Handler(), logger.level
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_lora_from_a_causal_lm_trains_adapters_and_the_fresh_head(tmp_path, causal_lm, tok, messages):
     import peft
+    import transformers
 
     from nemo_aligner.models.hf import load_pretrained
     from nemo_aligner.models.hf.peft import load_adapters
     from nemo_aligner.recipes.rm import run_rm
 
-    cfg = rm_config(tmp_path, *FAST, "trainer.rm.max_steps=3", f"pretrained_checkpoint.restore_from_path={causal_lm}",
-                    "model.peft.peft_scheme=lora", "model.peft.lora_tuning.target_modules=[all]",
-                    "model.peft.lora_tuning.adapter_dim=4", "model.optim.lr=1e-2")
-    with caplog.at_level("INFO", logger="nemo_aligner"):
-        run_rm(cfg)
-    assert any("starts fresh" in r.getMessage() for r in caplog.records)
-    adapter = json.loads((tmp_path / "hf/adapter_config.json").read_text())
+    lora = [*FAST, "trainer.rm.max_steps=3", f"pretrained_checkpoint.restore_from_path={causal_lm}",
+            "model.peft.peft_scheme=lora", "model.peft.lora_tuning.target_modules=[all]",
+            "model.peft.lora_tuning.adapter_dim=4", "model.optim.lr=1e-2", "exp_manager.create_checkpoint_callback=false"]
+    cfg = rm_config(tmp_path / "adapters", *lora)
+    torch.manual_seed(0)  # LoRA's A init draws from the global RNG when the model comes from a checkpoint
+    run_rm(cfg)
+    assert any("starts fresh" in m for m in messages)
+    hf_dir = tmp_path / "adapters/hf"
+    adapter = json.loads((hf_dir / "adapter_config.json").read_text())
     assert adapter["task_type"] == "SEQ_CLS" and adapter["modules_to_save"] == ["score"]
     assert adapter["base_model_name_or_path"] == str(causal_lm)
     fresh = load_pretrained(causal_lm, task="sequence_classification", seed=cfg.model.seed)
     trained = load_pretrained(causal_lm, task="sequence_classification", seed=cfg.model.seed)
-    load_adapters(trained, tmp_path / "hf")
+    load_adapters(trained, hf_dir)
     assert not torch.equal(trained.output_layer.weight, fresh.output_layer.weight)  # the head trained
     ids = torch.tensor([tok.encode("What color is the sky? Blue.")])
-    theirs = peft.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "hf", num_labels=1).eval()
+    want = trained.eval().logits(ids)[0, -1]
+    theirs = peft.AutoPeftModelForSequenceClassification.from_pretrained(hf_dir, num_labels=1).eval()
+    torch.manual_seed(0)
+    run_rm(rm_config(tmp_path / "merged", *lora, "model.peft.merge_on_export=true"))  # the same run, merged
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged/hf").eval()
     with torch.no_grad():
-        torch.testing.assert_close(theirs(ids).logits.view(()), trained.eval().logits(ids)[0, -1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(theirs(ids).logits.view(()), want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(merged(ids).logits.view(()), want, rtol=0, atol=1e-5)
 
 
 def test_bf16_mixed_precision_scores_in_fp32(tmp_path):
