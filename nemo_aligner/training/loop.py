@@ -69,6 +69,15 @@ class TrainingPlan:
         return cls(sampler, max_steps, val_every, micro_batch_size)
 
 
+def validation_items(items: list, limit_val_batches, global_batch_size: int) -> list:
+    """The validation items every check reads: the first `limit_val_batches` global batches (int) or that
+    fraction of the items (float), in order."""
+    n = len(items)
+    count = (min(n, limit_val_batches * global_batch_size) if isinstance(limit_val_batches, int)
+             else max(1, int(n * limit_val_batches)))
+    return list(items[:count])
+
+
 @dataclass
 class LoopState:
     step: int = 0
@@ -131,10 +140,7 @@ class Trainer:
         if self.val_data is None or limit == 0:
             return {}
         self.model.eval()
-        items = self.val_data.items
-        n = len(items)
-        count = min(n, limit * self.sampler.global_batch_size) if isinstance(limit, int) else max(1, int(n * limit))
-        chosen = list(items[:count])
+        chosen = validation_items(self.val_data.items, limit, self.sampler.global_batch_size)
         batches = [self.algorithm.make_batch(self.val_data.dataset, micro, self.val_data.packed)
                    for micro in strided_share(chosen, self.micro_batch_size, self.dp)]
         num_units = self._num_units(batches)
