@@ -140,11 +140,34 @@ def train(start: RunStart, run, algorithm, train_data, val_data, loop_cfg, token
     result = trainer.fit()
     progress.close()
     logger.close()
-    hf_dir = export_hf(start.parallel, model, log_dir / "hf", tokenizer or start.tokenizer, cfg.model.peft,
-                       start.restore)  # LoRA: a PEFT adapter folder, or merged
-    result.update(log_dir=str(log_dir), hf_dir=str(hf_dir), resumed=resume_from is not None, history=trainer.history)
+    hf_dir = final_export(start, model, tokenizer, resume_from, result["steps"] - start_step)
+    result.update(log_dir=str(log_dir), hf_dir=str(hf_dir) if hf_dir else None, resumed=resume_from is not None,
+                  history=trainer.history)
     log.info(summary(result, algorithm.headline_metrics, log_dir))
     return result
+
+
+def final_export(start: RunStart, model, tokenizer, resumed_from, steps_trained: int) -> Path | None:
+    """The final hf/ export (LoRA: a PEFT adapter folder, or merged), unless the user turned it off
+    (exp_manager.checkpoint_callback_params.save_nemo_on_train_end=false) or it would rewrite the same
+    weights: a resumed run that trained no step, whose hf/ was written after the checkpoint it resumed."""
+    cfg, hf_dir = start.cfg, start.log_dir / "hf"
+    if not cfg.exp_manager.checkpoint_callback_params.save_nemo_on_train_end:
+        log.info("no hf/ export: exp_manager.checkpoint_callback_params.save_nemo_on_train_end=false")
+        return None
+    if steps_trained == 0 and resumed_from is not None and _written_after(hf_dir / "config.json", resumed_from):
+        log.info("hf/ already holds this state (no step since %s): not written again", resumed_from)
+        return hf_dir
+    return export_hf(start.parallel, model, hf_dir, tokenizer or start.tokenizer, cfg.model.peft, start.restore)
+
+
+def _written_after(path: Path, other: Path) -> bool:
+    """True on every rank when `path` exists and is newer than `other` (all ranks take the same branch)."""
+    newer = path.is_file() and path.stat().st_mtime_ns >= Path(other).stat().st_mtime_ns
+    flag = torch.tensor([int(newer)])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def summary(result: dict, headline: tuple[str, ...], log_dir: Path) -> str:
@@ -160,7 +183,8 @@ def summary(result: dict, headline: tuple[str, ...], log_dir: Path) -> str:
         lines.append(f"  val, first check:    {fmt(val_rows[0], 'val/')}")
     if result["val"]:
         lines.append(f"  val at the end:      {fmt(result['val'])}")
-    lines.append(f"  outputs: {log_dir}/metrics.jsonl, tensorboard/, checkpoints/, hf/, curves.png")
+    lines.append(f"  outputs: {log_dir}/metrics.jsonl, tensorboard/, checkpoints/, {'hf/, ' if result['hf_dir'] else ''}"
+                 "curves.png")
     return "\n".join(lines)
 
 

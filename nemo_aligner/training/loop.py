@@ -166,7 +166,8 @@ class Trainer:
         initial_val = self.validate() if self.state.step == 0 else {}
         if initial_val:
             log.info("validation before training: %s", _fmt(initial_val))
-        last_val, last_train, saved_at = {}, {}, None
+        # a resumed run starts from a saved state: that state needs no second write if no step follows it
+        last_val, last_train, saved_at = {}, {}, (self.state.step if self.state.step > 0 else None)
         start_time = time.perf_counter()
         while self.state.step < self.max_steps:
             epoch, k = divmod(self.state.step, self.sampler.steps_per_epoch)
