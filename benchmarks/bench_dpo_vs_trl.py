@@ -108,6 +108,11 @@ def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def child_ours(spec: dict) -> dict:
     import torch
     from omegaconf import OmegaConf
@@ -133,7 +138,7 @@ def child_ours(spec: dict) -> dict:
     run_dpo(load_config(OmegaConf.from_dotlist(overrides), DPORunConfig))
     rows = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
     return {"losses": [r["train/loss"] for r in rows], "step_times": [r["train/step_time"] for r in rows],
-            "peak_rss": _rss_bytes(), "digests": _our_digests(spec)}
+            "peak_rss": _rss_bytes(), "cpu": _cpu_seconds(), "digests": _our_digests(spec)}
 
 
 def _our_digests(spec) -> list[str]:
@@ -189,7 +194,8 @@ def child_trl(spec: dict) -> dict:
     digests = [_pair_digest(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in trainer.train_dataset]
     trainer.train()
     trainer.save_model(str(Path(spec["log_dir"]) / "final"))
-    return {"losses": losses, "step_times": step_times, "peak_rss": _rss_bytes(), "digests": digests}
+    return {"losses": losses, "step_times": step_times, "peak_rss": _rss_bytes(), "cpu": _cpu_seconds(),
+            "digests": digests}
 
 
 def run_child(kind: str, spec: dict, python: str) -> dict:
