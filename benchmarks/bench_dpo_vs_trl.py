@@ -16,6 +16,7 @@ responses, as in HH or UltraFeedback-style prompts with short answers), two answ
             reference log-probs precomputed (the default)
   unshared  ours with model.data.shared_prompt=false
   bf16      ours under trainer.precision=bf16-mixed (--bf16), against the fp32 trajectory
+  recompute ours with activation recomputation (model.activations_checkpoint_granularity=full): memory
 Both sides: fp32, steps of --batch pairs in file order (no shuffling: TRL's sampler is replaced by a
 sequential one), constant lr, no warm-up, AdamW (betas 0.9/0.999, eps 1e-8, no weight decay), gradient
 clipping at 1.0, beta 0.1, no validation, no intermediate checkpoint, the final model saved once (TRL
@@ -138,17 +139,17 @@ def child_ours(spec: dict) -> dict:
     run_dpo(load_config(OmegaConf.from_dotlist(overrides), DPORunConfig))
     rows = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
     return {"losses": [r["train/loss"] for r in rows], "step_times": [r["train/step_time"] for r in rows],
-            "peak_rss": _rss_bytes(), "cpu": _cpu_seconds(), "digests": _our_digests(spec)}
+            "peak_rss": _rss_bytes(), "cpu": _cpu_seconds()}
 
 
-def _our_digests(spec) -> list[str]:
+def _our_pairs(model, data):
+    """Our tokenisation of the pairs (what run_dpo trains on, computed here, outside the timed job)."""
     from nemo_aligner.data.dataset import TokenizeSettings
     from nemo_aligner.data.preference.dataset import PreferenceDataset
     from nemo_aligner.data.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_path(spec["model"])
-    dataset = PreferenceDataset.from_files([spec["data"]], tokenizer, TokenizeSettings(seq_length=1024, add_bos=False))
-    return [_pair_digest(p.prompt, p.chosen, p.rejected) for p in dataset.pairs]
+    return PreferenceDataset.from_files([str(data)], Tokenizer.from_path(model),
+                                        TokenizeSettings(seq_length=1024, add_bos=False)).pairs
 
 
 def child_trl(spec: dict) -> dict:
@@ -191,9 +192,9 @@ def child_trl(spec: dict) -> dict:
     )
     trainer = Sequential(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          callbacks=[StepTimes()])
-    digests = [_pair_digest(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in trainer.train_dataset]
     trainer.train()
     trainer.save_model(str(Path(spec["log_dir"]) / "final"))
+    digests = [_pair_digest(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in trainer.train_dataset]
     return {"losses": losses, "step_times": step_times, "peak_rss": _rss_bytes(), "cpu": _cpu_seconds(),
             "digests": digests}
 
@@ -218,21 +219,21 @@ def summarise(runs: list[dict], tokens: int) -> dict:
     return {"wall": best["wall"], "walls": [r["wall"] for r in runs], "train": min(train), "trains": train,
             "median_step": statistics.median(best["step_times"]), "tokens_per_s": tokens / min(train),
             "peak_rss": min(r["peak_rss"] for r in runs), "rss_all": [r["peak_rss"] for r in runs],
-            "losses": best["losses"], "digests": best["digests"]}
+            "cpu": min(r["cpu"] for r in runs), "losses": best["losses"], "digests": best.get("digests")}
 
 
 def _spread(values, fmt="{:.1f}") -> str:
     return "/".join(fmt.format(v) for v in values)
 
 
-def report(results: dict, args, tokens: int, num_params: int):
+def report(results: dict, args, tokens: int, num_params: int, ours_digests: list):
     trl = results.get("trl")
     gib = 2**30
     print(f"\n{args.pairs} pairs, {args.steps} steps of {args.batch} pairs; {tokens:,} sequence tokens per epoch "
           f"(prompt + response, both sequences); model {'--model ' + args.model if args.model else 'SmolLM2-135M shape, random weights'} "
           f"({num_params / 1e6:.1f}M parameters); {args.threads} threads; best of {args.repeats} (all runs after '|')")
     print(f"memory floor, full-parameter AdamW fp32 (16 B/param): {16 * num_params / gib:.2f} GiB\n")
-    header = (f"{'side':<10} {'wall s':>7} {'train s':>8} {'step s':>7} {'tokens/s':>9} {'peak GiB':>9} "
+    header = (f"{'side':<10} {'wall s':>7} {'cpu s':>7} {'train s':>8} {'step s':>7} {'tokens/s':>9} {'peak GiB':>9} "
               f"{'wall x':>7} {'train x':>8} {'mem x':>6} {'max |dloss|':>12}   spread: wall | train | peak GiB")
     print(header)
     for name, r in results.items():
@@ -243,14 +244,13 @@ def report(results: dict, args, tokens: int, num_params: int):
                       f"{r['peak_rss'] / trl['peak_rss']:.2f}")
             reference = trl["losses"] if name != "bf16" or "ours" not in results else results["ours"]["losses"]
             diff = f"{max(abs(a - b) for a, b in zip(r['losses'], reference)):.2e}"
-        print(f"{name:<10} {r['wall']:>7.1f} {r['train']:>8.1f} {r['median_step']:>7.2f} {r['tokens_per_s']:>9.0f} "
+        print(f"{name:<10} {r['wall']:>7.1f} {r['cpu']:>7.1f} {r['train']:>8.1f} {r['median_step']:>7.2f} {r['tokens_per_s']:>9.0f} "
               f"{r['peak_rss'] / gib:>9.2f} {ratios[0]:>7} {ratios[1]:>8} {ratios[2]:>6} {diff:>12}   "
               f"{_spread(r['walls'])} | {_spread(r['trains'])} | {_spread([v / gib for v in r['rss_all']], '{:.2f}')}")
     if trl is not None:
         print("\nx: TRL's wall / ours and TRL's train / ours (speed-up), our peak / TRL's (memory); max |dloss|: the "
               "largest per-step difference from TRL's losses (bf16: from ours in fp32)")
-        same = all(r["digests"] == trl["digests"] for r in results.values())
-        print(f"token ids of every pair identical on both sides: {same}")
+        print(f"token ids of every pair identical on both sides: {ours_digests == trl['digests']}")
     for name, r in results.items():
         print(f"losses {name:<9}", " ".join(f"{v:.6f}" for v in r["losses"]))
 
@@ -269,7 +269,7 @@ def parse_args():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sides", default="trl,ours,unshared", help="comma-separated: trl, ours, unshared, bf16")
+    p.add_argument("--sides", default="trl,ours,unshared", help="comma-separated: trl, ours, unshared, bf16, recompute")
     p.add_argument("--bf16", action="store_true", help="also ours under bf16-mixed")
     p.add_argument("--trl-python", default=DEFAULT_TRL_PYTHON, help="python of a venv with trl, datasets, accelerate")
     p.add_argument("--workdir", help="keep inputs and outputs here (default: a temporary folder)")
@@ -303,28 +303,21 @@ def main():
                      sys.executable),
         "bf16": ("ours", dict(base, name="bf16", shared_prompt=True, precision="bf16-mixed", extra=args.extra),
                  sys.executable),
+        "recompute": ("ours", dict(base, name="recompute", shared_prompt=True, precision="32",
+                                   extra=["model.activations_checkpoint_granularity=full", *args.extra]),
+                      sys.executable),
     }
     runs = {side: [] for side in sides}
     for repeat in range(args.repeats):
         for side in sides:
             kind, spec, python = specs[side]
             runs[side].append(run_child(kind, dict(spec, log_dir=str(work / f"{side}_{repeat}")), python))
-    tokens = _sequence_tokens(model, data, steps * args.batch)
+    pairs = _our_pairs(model, data)
+    tokens = sum(p.num_tokens for p in pairs[:steps * args.batch])  # both sequences: 2 x prompt + responses
     results = {side: summarise(r, tokens) for side, r in runs.items()}
-    report(results, args, tokens, _num_params(model))
+    report(results, args, tokens, _num_params(model), [_pair_digest(p.prompt, p.chosen, p.rejected) for p in pairs])
     if args.workdir is None:
         print(f"\ninputs and outputs: {work}")
-
-
-def _sequence_tokens(model, data, num_pairs: int) -> int:
-    """Tokens of both sequences of the pairs trained on: sum of 2 x prompt + chosen + rejected."""
-    from nemo_aligner.data.dataset import TokenizeSettings
-    from nemo_aligner.data.preference.dataset import PreferenceDataset
-    from nemo_aligner.data.tokenizer import Tokenizer
-
-    dataset = PreferenceDataset.from_files([str(data)], Tokenizer.from_path(model),
-                                           TokenizeSettings(seq_length=1024, add_bos=False))
-    return sum(p.num_tokens for p in dataset.pairs[:num_pairs])
 
 
 def _num_params(model) -> int:
