@@ -10,7 +10,6 @@ one process.
 
 import json
 import os
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +18,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from tests.test_distributed import _free_ports
 
 LAYOUTS = {"tp2": dict(tp=2, sp=False, pp=1), "tp2_sp": dict(tp=2, sp=True, pp=1), "pp2": dict(tp=1, sp=False, pp=2)}
 LOSSES = ["dpo", "ipo", "rpo_bwd_kl", "simpo"]
@@ -105,16 +106,6 @@ def _worker(rank: int, root: str, ports: dict):
         dist.destroy_process_group()
     if rank == 0:
         (Path(root) / "distributed.json").write_text(json.dumps(out))
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")
