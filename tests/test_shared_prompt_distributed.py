@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.test_distributed import _free_ports
+from tests.test_distributed import _free_ports, forget_meshes
 
 LAYOUTS = {"tp2": dict(tp=2, sp=False, pp=1), "tp2_sp": dict(tp=2, sp=True, pp=1), "pp2": dict(tp=1, sp=False, pp=2)}
 LOSSES = ["dpo", "ipo", "rpo_bwd_kl", "simpo"]
@@ -104,6 +104,7 @@ def _worker(rank: int, root: str, ports: dict):
             out[f"{name}/{'packed' if packed else 'padded'}"] = {
                 str(shared): {"sums": r["sums"], "grad_norm": r["grad_norm"]} for shared, r in results.items()}
         dist.destroy_process_group()
+        forget_meshes()
     if rank == 0:
         (Path(root) / "distributed.json").write_text(json.dumps(out))
 
