@@ -136,10 +136,42 @@ def child_ours(spec: dict) -> dict:
         "exp_manager.create_checkpoint_callback=false", "exp_manager.create_tensorboard_logger=false",
         "exp_manager.progress_bar=false", "exp_manager.resume_if_exists=false",
     ] + spec.get("extra", [])
+    phases = _time_phases()
+    t0 = time.perf_counter()
     run_dpo(load_config(OmegaConf.from_dotlist(overrides), DPORunConfig))
+    phases["run_dpo"] = time.perf_counter() - t0
     rows = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
     return {"losses": [r["train/loss"] for r in rows], "step_times": [r["train/step_time"] for r in rows],
-            "peak_rss": _rss_bytes(), "cpu": _cpu_seconds()}
+            "peak_rss": _rss_bytes(), "cpu": _cpu_seconds(), "phases": phases}
+
+
+def _time_phases() -> dict:
+    """Wall seconds of the recipe's phases (wrapped where the recipe looks them up)."""
+    import nemo_aligner.recipes.dpo as dpo
+    import nemo_aligner.recipes.skeleton as skeleton
+    import nemo_aligner.training.logging as logging_module
+    import nemo_aligner.training.loop as loop
+
+    phases = {}
+
+    def timed(owner, name, label):
+        inner = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                phases[label] = phases.get(label, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, name, wrapper)
+
+    for owner, name, label in ((dpo, "start_run", "start (tokenizer, layout)"), (dpo, "load_layouts", "data"),
+                               (dpo, "build_policy", "model load"), (dpo, "setup_reference", "reference pass"),
+                               (loop.Trainer, "fit", "fit (steps)"), (skeleton, "final_export", "hf export"),
+                               (logging_module, "plot_curves", "curves.png")):
+        timed(owner, name, label)
+    return phases
 
 
 def _our_pairs(model, data):
@@ -208,8 +240,10 @@ def run_child(kind: str, spec: dict, python: str) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"{spec['name']} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result | {"wall": wall}
+    result = json.loads(proc.stdout.strip().splitlines()[-1]) | {"wall": wall}
+    Path(spec["log_dir"]).mkdir(parents=True, exist_ok=True)
+    (Path(spec["log_dir"]) / "bench_result.json").write_text(json.dumps(result))  # kept if a later side fails
+    return result
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -219,7 +253,8 @@ def summarise(runs: list[dict], tokens: int) -> dict:
     return {"wall": best["wall"], "walls": [r["wall"] for r in runs], "train": min(train), "trains": train,
             "median_step": statistics.median(best["step_times"]), "tokens_per_s": tokens / min(train),
             "peak_rss": min(r["peak_rss"] for r in runs), "rss_all": [r["peak_rss"] for r in runs],
-            "cpu": min(r["cpu"] for r in runs), "losses": best["losses"], "digests": best.get("digests")}
+            "cpu": min(r["cpu"] for r in runs), "losses": best["losses"], "digests": best.get("digests"),
+            "phases": best.get("phases")}
 
 
 def _spread(values, fmt="{:.1f}") -> str:
@@ -253,6 +288,10 @@ def report(results: dict, args, tokens: int, num_params: int, ours_digests: list
         print(f"token ids of every pair identical on both sides: {ours_digests == trl['digests']}")
     for name, r in results.items():
         print(f"losses {name:<9}", " ".join(f"{v:.6f}" for v in r["losses"]))
+    for name, r in results.items():
+        if r.get("phases"):
+            print(f"phases {name:<9}", ", ".join(f"{k} {v:.1f}s" for k, v in r["phases"].items()),
+                  f"(python start + imports: {r['wall'] - r['phases']['run_dpo']:.1f}s)")
 
 
 def parse_args():
