@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's nemo_aligner, here and in the children (PYTHONPATH)
 DEFAULT_TRL_PYTHON = "/work/venvs/trl/bin/python"
 DEFAULT_TOKENIZER = "/work/tools/smollm2-135m-instruct"
 SMOLLM2_135M = dict(num_layers=30, hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9, num_query_groups=3,
