@@ -358,7 +358,7 @@ def tiny_llama(tmp_path_factory):
     from nemo_aligner.data.tokenizer import Tokenizer
 
     folder = tmp_path_factory.mktemp("llama")
-    tok = Tokenizer.from_path(ROOT / "examples/demo/tokenizer")
+    tok = Tokenizer.from_path(ROOT / "nemo_aligner/demo/tokenizer")
     config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                       num_key_value_heads=1, vocab_size=tok.vocab_size, max_position_embeddings=256)
     torch.manual_seed(0)
@@ -429,7 +429,7 @@ def _packed_with_a_foreign_token(tmp_path):
     from nemo_aligner.data.preference.packed_file import write_packed_file
     from nemo_aligner.data.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_path(ROOT / "examples/demo/tokenizer")
+    tok = Tokenizer.from_path(ROOT / "nemo_aligner/demo/tokenizer")
     dataset = PreferenceDataset.from_files([_rows(tmp_path / "pairs.jsonl", 16)], tok, TokenizeSettings(seq_length=96))
     path = tmp_path / "packed.safetensors"
     write_packed_file(path, dataset, pack_examples(dataset, 192, "first_fit_decreasing", 0), pack_size=192,
@@ -461,8 +461,8 @@ def _user_error_cases(tmp_path, tiny_llama):
         "identical": ([f"model.data.data_prefix.train=[{same}]"],
                       r"16 of 16 pairs have the same chosen and rejected response \(.*identical\.jsonl:1, "),
         "wizard": ([f"model.data.data_prefix.train=[{wizard}]"],
-                   r"wizard\.jsonl:1: prompt\[0\] has unknown role 'wizard'; the chat templates accept "
-                   r"\['system', 'user', 'assistant'\]"),
+                   r"wizard\.jsonl:1: prompt\[0\] has unknown role 'wizard'; expected one of "
+                   r"\['system', 'user', 'assistant', 'tool'\]"),
         "non_utf8": ([f"model.data.data_prefix.train=[{latin}]"], r"latin1\.jsonl:2: not valid UTF-8 \(byte 0xe9"),
         "directory": ([f"model.data.data_prefix.train=[{tmp_path}]"],
                       r"model\.data\.data_prefix\.train: .* is a directory; expected a data file"),
@@ -528,7 +528,7 @@ def test_some_identical_pairs_are_counted_and_named(tmp_path, caplog):
         rows[k]["rejected_response"] = rows[k]["chosen_response"]
     path = _jsonl(tmp_path / "some.jsonl", rows)
     with caplog.at_level("WARNING", logger="nemo_aligner"):
-        dataset = PreferenceDataset.from_files([path], Tokenizer.from_path(ROOT / "examples/demo/tokenizer"),
+        dataset = PreferenceDataset.from_files([path], Tokenizer.from_path(ROOT / "nemo_aligner/demo/tokenizer"),
                                                TokenizeSettings(seq_length=96), name="model.data.data_prefix.train")
     assert len(dataset) == 10
     assert f"2 of 10 pairs have the same chosen and rejected response ({path}:3, {path}:7)" in caplog.text

@@ -30,7 +30,7 @@ from nemo_aligner.data.preference.packed_file import check_pack_size, packed_fil
 from nemo_aligner.data.rows import split_files
 from nemo_aligner.recipes.skeleton import load_tokenizer, user_errors_exit
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "nlp" / "gpt" / "conf" / "gpt_dpo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "gpt_dpo.yaml"
 SPLITS = ("train", "validation", "test")
 TOKENIZER_TYPES = ("auto", "huggingface", "sentencepiece")
 

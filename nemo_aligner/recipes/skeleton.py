@@ -43,7 +43,7 @@ from nemo_aligner.data.tokenizer import Tokenizer
 from nemo_aligner.generation.validation import validation_samples
 from nemo_aligner.models.compile import compile_blocks
 from nemo_aligner.models.gpt import GPTConfig, GPTModel
-from nemo_aligner.models.hf import config_from_pretrained, load_pretrained
+from nemo_aligner.models.hf import checkpoint_dtype, config_from_pretrained, load_pretrained
 from nemo_aligner.models.hf.common import check_weight_files, folder_fingerprint
 from nemo_aligner.models.hf.peft import setup_peft
 from nemo_aligner.models.score import CAUSAL_LM, model_class
@@ -72,7 +72,7 @@ NOT_TOKENISATION = ("data_prefix", "data_impl", "num_workers", "shuffle", "packi
 NOT_LOSS = ("chunk_size",)
 ADAPTER_SHAPE = ("target_modules", "adapter_dim", "alpha")
 SPLITS = ("train", "validation", "test")
-DEMO_TOKENIZER = Path(__file__).resolve().parents[2] / "examples" / "demo" / "tokenizer"
+DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "demo" / "tokenizer"  # ships in the wheel
 # GPTConfig fields that are not model.* keys of the same name, and where they come from
 DERIVED_GPT_FIELDS = {
     "activations_checkpointing": "model.activations_checkpoint_granularity is not null",
@@ -214,7 +214,8 @@ def train(start: RunStart, run, algorithm, train_data, val_data, loop_cfg, token
                       train_data=train_data, val_data=val_data, loop=loop_cfg, plan=plan, logger=logger,
                       progress=progress, checkpointer=checkpointer, monitor=params.monitor,
                       data_metrics=data_metrics(train_data), stop=stop, identity=start.identity,
-                      run_config=flat_config(cfg), test_data=test_data, after_validation=samples)
+                      run_config=flat_config(cfg), test_data=test_data, after_validation=samples,
+                      after_save=hf_every_checkpoint(start, run, tokenizer))
     if resume.checkpoint is not None:
         trainer.resume(resume.checkpoint)
     log.info("training: %d steps (%d per epoch), global batch %d %s, micro batch %d, loss per %s, log dir %s",
@@ -250,10 +251,35 @@ def export(start: RunStart, run, tokenizer, step: int) -> Path | None:
             mark_finished(start.log_dir, step, None)
         return None
     hf_dir = export_hf(start.parallel, run.model, start.log_dir / "hf", tokenizer or start.tokenizer,
-                       start.cfg.model.peft, start.restore)
+                       start.cfg.model.peft, start.restore, dtype=export_dtype(start.cfg.model, start.restore))
     if start.parallel.is_rank_zero:
         mark_finished(start.log_dir, step, hf_dir)
     return hf_dir
+
+
+def hf_every_checkpoint(start: RunStart, run, tokenizer):
+    """exp_manager.checkpoint_callback_params.save_hf_every_checkpoint: after_save(step, checkpoint) writing
+    `<checkpoint>/hf` (pruned with its checkpoint; LoRA: the adapter folder, never merged mid-run); else None."""
+    if not start.cfg.exp_manager.checkpoint_callback_params.save_hf_every_checkpoint:
+        return None
+
+    def after_save(step: int, checkpoint: Path) -> None:
+        export_hf(start.parallel, run.model, Path(checkpoint) / "hf", tokenizer or start.tokenizer,
+                  start.cfg.model.peft, start.restore, dtype=export_dtype(start.cfg.model, start.restore), final=False)
+        log.info("step %d: hf export %s", step, Path(checkpoint) / "hf")
+
+    return after_save
+
+
+def export_dtype(model_cfg, restore) -> str:
+    """model.export_dtype, else the checkpoint's own dtype (config.json's torch_dtype / dtype), else fp32."""
+    if model_cfg.export_dtype is not None:
+        return model_cfg.export_dtype
+    if restore:
+        saved = checkpoint_dtype(restore)
+        if saved is not None:
+            return saved
+    return "fp32"
 
 
 def stopped(start: RunStart, result: dict) -> dict:
