@@ -465,7 +465,8 @@ def _user_error_cases(tmp_path, tiny_llama):
                    r"\['system', 'user', 'assistant'\]"),
         "non_utf8": ([f"model.data.data_prefix.train=[{latin}]"], r"latin1\.jsonl:2: not valid UTF-8 \(byte 0xe9"),
         "directory": ([f"model.data.data_prefix.train=[{tmp_path}]"],
-                      r"model\.data\.data_prefix\.train: .* is a directory; expected a data file"),
+                      r"model\.data\.data_prefix\.train: .* is a directory without data: expected a Hugging "
+                      r"Face dataset folder"),
         "missing_checkpoint": ([f"pretrained_checkpoint.restore_from_path={tmp_path / 'nowhere'}"],
                                r"pretrained_checkpoint\.restore_from_path=.*nowhere: not found; expected a Hugging "
                                r"Face model folder"),
