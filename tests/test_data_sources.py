@@ -22,7 +22,7 @@ from nemo_aligner.data.rows import DataError, check_data_files, check_file, read
 from nemo_aligner.data.sft.dataset import SFTDataset
 from nemo_aligner.data.sft.tokenize import SFTTokenizeSettings
 from nemo_aligner.data.tokenizer import Tokenizer
-from tests.helpers import DEMO_TRAIN, DEMO_VAL, FAST, ROOT, dpo_config, read_metrics
+from tests.helpers import DEMO_TRAIN, DEMO_VAL, FAST, ROOT, dpo_config, read_metrics, sft_config
 
 SFT_TRAIN = ROOT / "examples/demo/data/sft_train.jsonl"
 SETTINGS = TokenizeSettings(seq_length=64, add_bos=False)
@@ -237,3 +237,24 @@ def test_dpo_trains_on_a_save_to_disk_folder_exactly_as_on_its_jsonl(tmp_path):
                            "exp_manager.checkpoint_callback_params.save_nemo_on_train_end=false"))
         losses[name] = [row["train/loss"] for row in read_metrics(tmp_path / name) if "train/loss" in row]
     assert len(losses["saved"]) == 3 and losses["saved"] == losses["jsonl"]
+
+
+def test_sft_trains_on_a_dataset_dict_and_evaluates_its_test_split_once_at_the_end(tmp_path):
+    torch.set_num_threads(1)
+    datasets = pytest.importorskip("datasets")
+    from nemo_aligner.recipes.sft import run_sft
+
+    rows = [json.loads(line) for line in SFT_TRAIN.read_text().splitlines()]
+    folder = tmp_path / "chat"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:64]),
+                          "test": datasets.Dataset.from_list(rows[64:80])}).save_to_disk(str(folder))
+    result = run_sft(sft_config(tmp_path / "run", "model.hidden_size=32", "model.ffn_hidden_size=64",
+                                "model.num_layers=1", "model.num_attention_heads=2", "model.num_query_groups=1",
+                                "model.micro_batch_size=8", "model.global_batch_size=16", "exp_manager.progress_bar=false",
+                                f"model.data.data_prefix={{train: [{folder}], test: [{folder}]}}",
+                                "trainer.sft.max_steps=2", "trainer.sft.limit_val_batches=0",
+                                "exp_manager.create_checkpoint_callback=false",
+                                "exp_manager.checkpoint_callback_params.save_nemo_on_train_end=false"))
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows if "test/loss" in r] == [2]  # the test split, once, in the last step's record
+    assert result["test"]["loss"] == rows[-1]["test/loss"] and np.isfinite(result["test"]["loss"])
