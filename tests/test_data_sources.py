@@ -74,6 +74,20 @@ def _save_to_disk(folder, rows, num_shards=2):
     return folder
 
 
+def _hand_saved(folder, rows):
+    """A save_to_disk folder built with pyarrow alone (the layout datasets writes: IPC stream shards, state.json
+    listing them, dataset_info.json), its state.json listing the shards out of name order: returns the rows in the
+    order state.json gives them."""
+    folder.mkdir(parents=True)
+    names = ["data-00000-of-00002.arrow", "data-00001-of-00002.arrow"]
+    _write_table(folder / names[0], rows[:7], "stream")
+    _write_table(folder / names[1], rows[7:], "stream")
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": n} for n in reversed(names)],
+                                                   "_split": None}))
+    (folder / "dataset_info.json").write_text("{}")
+    return rows[7:] + rows[:7]
+
+
 def _reordered_parquet_shards(folder, rows):
     """Shards named part-2, part-1, part-0 hold rows 0-9, 10, 11-23: sorted name order reads them reversed."""
     _shards(folder, rows, ".parquet")
@@ -92,6 +106,8 @@ def _source(tmp_path, kind, rows):
         return tmp_path / "shards", _reordered_parquet_shards(tmp_path / "shards", rows)
     if kind == "arrow_shards":
         return _shards(tmp_path / "shards", rows, ".arrow"), rows
+    if kind == "hand_saved":
+        return tmp_path / "saved", _hand_saved(tmp_path / "saved", rows)
     assert kind == "save_to_disk"
     return _save_to_disk(tmp_path / "saved", rows), rows
 
@@ -106,7 +122,7 @@ def _same_pairs(a: PreferenceDataset, b: PreferenceDataset):
 
 
 @pytest.mark.parametrize("kind", ["jsonl.gz", "json.gz", "parquet", "stream", "file", "parquet_shards", "arrow_shards",
-                                  "save_to_disk"])
+                                  "hand_saved", "save_to_disk"])
 def test_every_source_gives_the_tokenised_dataset_of_the_same_rows_in_jsonl(tmp_path, tok, kind):
     rows = _rows()
     path, held = _source(tmp_path, kind, rows)
@@ -168,6 +184,21 @@ def test_a_dataset_dict_folder_gives_each_split_its_own_rows_and_names_the_split
         split_files(prefix, "test")
     with pytest.raises(DataError, match=r"hh is a Hugging Face DatasetDict with splits .*; name one split's folder"):
         list(read_rows(folder))
+
+
+def test_a_dataset_dict_layout_without_the_datasets_package(tmp_path, tok):
+    """The DatasetDict layout built by hand (pyarrow only), so the split choice runs where datasets is absent."""
+    pytest.importorskip("pyarrow")
+    folder = tmp_path / "dd"
+    held = {"train": _hand_saved(folder / "train", _rows()), "dev": _hand_saved(folder / "dev", _rows(DEMO_VAL, 9))}
+    (folder / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "dev"]}))
+    prefix = {"train": [str(folder)], "validation": [str(folder)], "test": [str(folder)]}
+    for split, name in (("train", "train"), ("validation", "dev")):
+        got = PreferenceDataset.from_files(split_files(prefix, split), tok, SETTINGS)
+        _same_pairs(got, PreferenceDataset.from_files([_jsonl(tmp_path / f"{name}.jsonl", held[name])], tok, SETTINGS))
+    with pytest.raises(DataError, match=r"splits \['train', 'dev'\], none of them 'test'; name the split's folder "
+                                        r"instead, e\.g\. .*dd/train"):
+        check_data_files(prefix)
 
 
 def test_corrupt_gzip_is_one_message_naming_the_file(tmp_path):
