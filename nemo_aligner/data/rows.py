@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from nemo_aligner.data.sources import DataError, is_table, iter_rows, require_pyarrow, resolve_split, folder_shards
+from nemo_aligner.data.sources import DataError, folder_shards, is_table, iter_rows, require_pyarrow, resolve_split
 
 __all__ = ["DataError", "BlendFiles", "check_file", "check_data_files", "read_rows", "split_files"]
 BLEND_FORMAT = "[weight, path, weight, path, ...], e.g. [0.7, a.jsonl, 0.3, b.jsonl]"
