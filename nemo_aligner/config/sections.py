@@ -179,8 +179,12 @@ class TokenizerConfig:
 class DataConfig:
     """model.data options every task shares; a recipe's schema adds its own (row keys, rewards, ...)."""
 
-    data_impl: str = "jsonl"  # jsonl | parquet (read by file suffix either way); DPO also: packed_jsonl
-    # {train: [files], validation: [files], test: [files]} (test: evaluated once at the end); null = none
+    data_impl: str = "jsonl"  # jsonl | parquet: every source is read by its kind either way; DPO also: packed_jsonl
+    # {train: [paths], validation: [paths], test: [paths]} (test: evaluated once at the end); null = none. A path
+    # is a .jsonl / .jsonl.gz / .parquet / .arrow file, a Hugging Face save_to_disk folder (a DatasetDict's split
+    # is picked by name) or a folder of .parquet / .arrow shards (docs/data.md). NeMo's blend, weights and paths
+    # alternating, [0.7, a.jsonl, 0.3, b.jsonl]: weights normalised, the blend as long as its sources together,
+    # each source sampled to its share (a short one repeated), seeded by model.seed; any split may be blended
     data_prefix: Any = field(default_factory=lambda: {"train": None, "validation": None, "test": None})
     seq_length: Optional[int] = None  # max tokens per sequence (prompt + response); null = model.encoder_seq_length
     overlength: str = "truncate"  # truncate (cut the prompt from the left, then the response) | drop | error

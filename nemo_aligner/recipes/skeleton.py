@@ -164,9 +164,9 @@ def check_run(start: RunStart, model, algorithm, layouts) -> None:
 def used_splits(cfg, loop_cfg) -> dict[str, list[str]]:
     """split -> files of model.data.data_prefix for the splits this run uses: train; validation unless
     trainer.<algorithm>.limit_val_batches=0 (no work for a split nobody evaluates); test when given (evaluated
-    once at the end)."""
+    once at the end). A split given with weights is a data.rows.BlendFiles drawn with model.seed."""
     prefix = cfg.model.data.data_prefix
-    files = {split: split_files(prefix, split) if prefix is not None else [] for split in SPLITS}
+    files = {split: split_files(prefix, split, cfg.model.seed) if prefix is not None else [] for split in SPLITS}
     if loop_cfg.limit_val_batches == 0:
         files["validation"] = []
     return files
@@ -509,13 +509,13 @@ def run_identity(start: RunStart, model, algorithm, train_layout) -> dict:
             if dataclasses.is_dataclass(settings) else {})
     template = getattr(start.tokenizer, "chat_template", None)
     data_keys = {k: v for k, v in dataclasses.asdict(cfg.model.data).items() if k not in NOT_TOKENISATION}
-    files = [str(f) for f in train_layout.dataset.report.files]
+    files = [str(f) for f in train_layout.dataset.report.files]  # the digest below also covers blend weights
     return {
         "model": {"weights": folder_fingerprint(start.restore) if start.restore else "built from model.*",
                   "adapters": folder_fingerprint(peft.restore_from_path) if lora and peft.restore_from_path else None},
         "architecture": {**{k: v for k, v in model.config.to_dict().items() if k not in NOT_ARCHITECTURE},
                          "adapters": adapters},
-        "data": {"train": files_digest(files)},
+        "data": {"train": files_digest(train_layout.dataset.report.files)},
         "tokenisation": {"tokenizer": start.tokenizer.fingerprint(), "seq_length": cfg.model.seq_length,
                          "chat_template": hashlib.sha256(template.encode()).hexdigest() if template else None,
                          **data_keys},

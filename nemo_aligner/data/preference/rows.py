@@ -147,4 +147,4 @@ def _reward(row, key, where):
 
 
 def read_preference_file(path, columns: PreferenceColumns = PreferenceColumns()) -> list[PreferenceExample]:
-    return [preference_from_row(row, f"{path}:{line_no}", columns) for line_no, row in read_rows(path)]
+    return [preference_from_row(row, where, columns) for where, row in read_rows(path)]

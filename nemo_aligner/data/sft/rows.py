@@ -158,4 +158,4 @@ def sft_example_from_row(row: dict, where: str, columns: SFTColumns = SFTColumns
 
 
 def read_sft_file(path, columns: SFTColumns = SFTColumns()) -> list[SFTExample]:
-    return [sft_example_from_row(row, f"{path}:{line_no}", columns) for line_no, row in read_rows(path)]
+    return [sft_example_from_row(row, where, columns) for where, row in read_rows(path)]
