@@ -14,8 +14,7 @@ from nemo_aligner.models.heads import ModelWithHead
 ROOT = Path(__file__).resolve().parents[1]
 DPO_YAML = ROOT / "examples/nlp/gpt/conf/gpt_dpo.yaml"
 SFT_YAML = ROOT / "examples/nlp/gpt/conf/gpt_sft.yaml"
-DEMO_PRESETS = {DPO_YAML: ROOT / "examples/nlp/gpt/conf/demo/gpt_dpo.yaml",
-                SFT_YAML: ROOT / "examples/nlp/gpt/conf/demo/gpt_sft.yaml"}  # what the no-argument scripts apply
+DEMO_DIR = ROOT / "examples/nlp/gpt/conf/demo"  # conf/demo/<script's yaml>: what the no-argument scripts apply
 DEMO_TRAIN = ROOT / "examples/demo/data/dpo_train.jsonl"
 DEMO_VAL = ROOT / "examples/demo/data/dpo_val.jsonl"
 
@@ -36,7 +35,7 @@ def compose(yaml, schema, log_dir, *overrides, demo=True):
     raw.pop("defaults", None)
     raw.pop("hydra", None)
     overrides = [f"exp_manager.explicit_log_dir={log_dir}", *overrides]
-    return load_config(with_preset(raw, DEMO_PRESETS[Path(yaml)] if demo else None, overrides), schema)
+    return load_config(with_preset(raw, DEMO_DIR / Path(yaml).name if demo else None, overrides), schema)
 
 
 def dpo_config(log_dir, *overrides, yaml=DPO_YAML, schema=DPORunConfig, demo=True):
@@ -61,7 +60,7 @@ def comparable(row: dict) -> dict:
 def micro_batch_loss(algorithm, model, batch, num_units: int):
     """(loss, metric sums) of one micro-batch: `model` ending in `algorithm.head()`, then `algorithm.loss`."""
     module = model if isinstance(model, ModelWithHead) else ModelWithHead(model, algorithm.head())
-    outputs = module(batch.input_ids, labels=batch.labels, segment_ids=batch.segment_ids)
+    outputs = module(batch.input_ids, **batch.model_inputs())
     return algorithm.loss(batch, outputs, num_units)
 
 

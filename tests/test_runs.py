@@ -26,7 +26,7 @@ from nemo_aligner.training.checkpoint import Checkpointer, is_complete
 from nemo_aligner.training.guards import NonFiniteError
 from nemo_aligner.training.optim import lr_at, schedule_warning
 from nemo_aligner.training.run_dir import acquire_lock, release_lock
-from tests.helpers import DEMO_PRESETS, DEMO_TRAIN, DEMO_VAL, DPO_YAML, FAST, ROOT, comparable, dpo_config, read_metrics
+from tests.helpers import DEMO_DIR, DEMO_TRAIN, DEMO_VAL, DPO_YAML, FAST, ROOT, comparable, dpo_config, read_metrics
 
 SCRIPT = ROOT / "examples/nlp/gpt/train_gpt_dpo.py"
 QUIET = ["exp_manager.create_tensorboard_logger=false"]
@@ -71,7 +71,7 @@ def test_the_demo_preset_applies_only_to_a_run_without_checkpoint_and_data():
     assert not is_demo_run({"model": {"data": {"data_prefix": {"train": ["t.jsonl"]}}}})
     base = OmegaConf.load(DPO_YAML)
     base.pop("defaults"), base.pop("hydra")
-    demo = load_config(with_preset(base, DEMO_PRESETS[DPO_YAML], ["++model.optim.lr=0.5", "trainer.dpo.max_steps=7"]),
+    demo = load_config(with_preset(base, DEMO_DIR / DPO_YAML.name, ["++model.optim.lr=0.5", "trainer.dpo.max_steps=7"]),
                        DPORunConfig)
     assert (demo.model.optim.lr, demo.trainer.dpo.max_steps, demo.model.hidden_size) == (0.5, 7, 128)  # overrides win
     assert load_config(base, DPORunConfig).model.optim.lr == 9e-6  # the shipped YAML changes no default
@@ -405,7 +405,7 @@ def test_adapter_init_depends_only_on_the_seed_and_the_module_name():
 def _raw(*overrides):
     base = OmegaConf.load(DPO_YAML)
     base.pop("defaults"), base.pop("hydra")
-    return with_preset(base, DEMO_PRESETS[DPO_YAML], [*FAST, *QUIET, "trainer.dpo.max_steps=2", *overrides])
+    return with_preset(base, DEMO_DIR / DPO_YAML.name, [*FAST, *QUIET, "trainer.dpo.max_steps=2", *overrides])
 
 
 def _entry(capsys, *overrides) -> tuple[int, str]:

@@ -4,6 +4,8 @@ The task is small enough for a 2-layer model to learn on a CPU in a minute or tw
 to show learning: each prompt asks for the colour of an object; the chosen answer names its colour,
 the rejected answer names a wrong one. Validation pairs use the same objects with other phrasings
 and other wrong colours, so validation accuracy rises only if the model learns object -> colour.
+The same pairs are written as DPO rows (dpo_*), SFT conversations (sft_*) and NeMo-Aligner reward-model
+comparison files (rm_comparisons_*: a chosen line, then its rejected line).
 Deterministic: running it again rewrites identical files.
 
     python examples/demo/make_demo_assets.py
@@ -46,6 +48,15 @@ def pair(rng, obj, prompt_templates):
     }
 
 
+def comparisons(rows):
+    """NeMo-Aligner's reward-model comparison format: {"text": prompt + chosen}, then {"text": prompt + rejected}."""
+    out = []
+    for r in rows:
+        question = r["prompt"][-1]["content"]
+        out += [{"text": f"Q: {question}\nA: {r[key]['content']}"} for key in ("chosen_response", "rejected_response")]
+    return out
+
+
 def write_jsonl(path: Path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -82,6 +93,8 @@ def main():
     sft = lambda rows: [{"messages": r["prompt"] + [r["chosen_response"]]} for r in rows]  # noqa: E731
     write_jsonl(HERE / "data" / "sft_train.jsonl", sft(train))
     write_jsonl(HERE / "data" / "sft_val.jsonl", sft(val))
+    write_jsonl(HERE / "data" / "rm_comparisons_train.jsonl", comparisons(train))
+    write_jsonl(HERE / "data" / "rm_comparisons_val.jsonl", comparisons(val))
     corpus = [SYSTEM] + [t.format(o=o) for t in TRAIN_PROMPTS + VAL_PROMPTS for o in objects]
     corpus += [a.format(o=o, c=c).capitalize() for a in ANSWERS for o in objects for c in COLOURS]
     corpus += ["system", "user", "assistant", "\n"]

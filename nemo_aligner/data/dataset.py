@@ -75,16 +75,18 @@ class TokenizedDataset:
         return self.examples[index].num_tokens
 
     @classmethod
-    def read(cls, files, parse_row: Callable, tokenize: Callable, name: str) -> tuple[list, RowReport, np.ndarray]:
+    def read(cls, files, parse_row: Callable, tokenize: Callable, name: str,
+             read_file: Callable = read_rows) -> tuple[list, RowReport, np.ndarray]:
         """(examples, report, source rows): every row of `files` parsed (`parse_row(row, "file:line")`) and
-        tokenised (`tokenize(example)`, None = dropped by the over-length policy)."""
+        tokenised (`tokenize(example)`, None = dropped by the over-length policy). read_file(file, key) yields
+        (line number, row); a format whose example spans several lines yields one merged row per example."""
         files = [str(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
         if not files:
             raise DataError(f"{name}: no data files given (model.data.data_prefix)")
         report = RowReport(files=files, unit=cls.unit)
         examples, source_rows = [], []
         for file in files:
-            for line_no, row in read_rows(file, name):
+            for line_no, row in read_file(file, name):
                 example = parse_row(row, f"{file}:{line_no}")
                 report.add_row(example.shape)
                 tokenized = tokenize(example)

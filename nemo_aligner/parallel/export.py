@@ -22,11 +22,11 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
-from nemo_aligner.models.gpt import GPTModel
-from nemo_aligner.models.hf import FAMILIES, hf_config_dict, infer_model_type
+from nemo_aligner.models.hf import hf_config_dict, infer_model_type, tensor_names
 from nemo_aligner.models.hf.common import INDEX_FILE, SINGLE_FILE, atomic_dir, finish_atomic_dir, resolve_dtype
 from nemo_aligner.models.hf.peft import adapter_specs, write_adapter_folder
 from nemo_aligner.models.lora import base_weights, is_adapter_key, lora_modules
+from nemo_aligner.models.score import saved_with_adapters
 
 log = logging.getLogger("nemo_aligner")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
@@ -101,9 +101,9 @@ def export_model(parallel, stage_model, path, tokenizer=None, model_type: str | 
     path = Path(path)
     config = stage_model.config
     model_type = model_type or getattr(stage_model, "hf_model_type", None) or infer_model_type(config)
-    family = FAMILIES[model_type]
+    family = tensor_names(stage_model, model_type)  # a score model: <Family>ForSequenceClassification
     with torch.device("meta"):
-        full_shapes = {name: t.shape for name, t in GPTModel(config).state_dict().items()}
+        full_shapes = {name: t.shape for name, t in type(stage_model)(config).state_dict().items()}
     local = base_weights(stage_model.state_dict())  # LoRA-wrapped stages: base weights, original names
     param_dtype = next(iter(local.values())).dtype
     dtype = resolve_dtype(dtype) if dtype is not None else param_dtype
@@ -174,7 +174,9 @@ def merge_adapters_(model) -> None:
 def gather_adapters(parallel, stage_model) -> tuple[dict, dict] | None:
     """Collective: (full adapter tensors, specs) of every pipeline stage, on global rank 0 (None elsewhere).
     Adapters are small, so each stage's first rank hands them over whole."""
-    tensors = {name: _full(t).detach().cpu() for name, t in stage_model.state_dict().items() if is_adapter_key(name)}
+    saved = saved_with_adapters(stage_model)  # a score model's head (PEFT's modules_to_save)
+    tensors = {name: _full(t).detach().cpu() for name, t in stage_model.state_dict().items()
+               if is_adapter_key(name) or name in saved}
     specs = adapter_specs(stage_model)
     if not dist.is_initialized():
         return tensors, specs

@@ -6,7 +6,9 @@ output projection is column-parallel over the vocabulary with its logits left sh
 log-probs come from `F.cross_entropy` under `loss_parallel()` (a max and a sum all-reduced per
 token), so a [tokens, vocab] tensor is never gathered. Attention reads its head counts from tensor
 shapes, so the model code is unchanged. Tied embeddings need nothing special: the embedding and the
-output projection shard the same [V, E] weight the same way (Shard(0)).
+output projection shard the same [V, E] weight the same way (Shard(0)). A score model's [1, E] head
+(`models.score.ScoreModel`, `vocab_parallel_output = False`) stays replicated: every tp rank scores the
+full hidden state it holds after the last row-parallel reduction.
 
 Sequence parallel (model.sequence_parallel): between the row- and column-parallel blocks the
 activations stay sharded over the sequence (norms run on T/tp tokens); attention and MLP inputs are
@@ -215,7 +217,7 @@ def apply_tensor_parallel(module, tp_mesh, sequence_parallel: bool = False):
         # added to the sequence-sharded token embeddings, so it must come out sharded the same way
         parallelize_module(model.position_embedding, tp_mesh,
                            RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)))
-    if model.output_layer is not None:
+    if model.output_layer is not None and getattr(model, "vocab_parallel_output", True):  # a score head stays whole
         parallelize_module(model.output_layer, tp_mesh,
                            ColwiseParallel(output_layouts=Shard(-1), use_local_output=False))
     head = getattr(module, "head", None)

@@ -46,6 +46,7 @@ from nemo_aligner.models.gpt import GPTConfig, GPTModel
 from nemo_aligner.models.hf import config_from_pretrained, load_pretrained
 from nemo_aligner.models.hf.common import check_weight_files, folder_fingerprint
 from nemo_aligner.models.hf.peft import setup_peft
+from nemo_aligner.models.score import CAUSAL_LM, model_class
 from nemo_aligner.parallel.export import export_hf
 from nemo_aligner.parallel.mesh import Parallel, init_parallel
 from nemo_aligner.parallel.run import ParallelRun, stage_pruner
@@ -116,14 +117,15 @@ def start_run(cfg) -> RunStart:
                     started_at)
 
 
-def build_policy(start: RunStart) -> GPTModel:
+def build_policy(start: RunStart, task: str = CAUSAL_LM) -> GPTModel:
     """This rank's model: read from the checkpoint (a pipeline stage reads only its own layers) or built
     from model.*; LoRA adapters added when model.peft.peft_scheme=lora. model.seed seeds every RNG first, so
     anything random (a from-scratch init, adapter dropout) is the same run to run, with or without a
     checkpoint; adapter inits are seeded by (seed, module name)."""
     model_cfg = start.cfg.model
     seed_everything(model_cfg.seed)
-    model = build_model(model_cfg, start.restore, start.tokenizer, start.device, prune=stage_pruner(start.parallel))
+    model = build_model(model_cfg, start.restore, start.tokenizer, start.device, prune=stage_pruner(start.parallel),
+                        task=task)
     setup_peft(model, model_cfg.peft, seed=model_cfg.seed)  # model.peft.peft_scheme=lora: adapters added, base frozen
     start.parallel.dims.check_model(model.config)
     log.info("model: %s parameters%s, %s", f"{model.num_parameters():,}",
@@ -230,16 +232,24 @@ def train(start: RunStart, run, algorithm, train_data, val_data, loop_cfg, token
     logger.close()
     if result["stopped"] is not None:
         return stopped(start, result)
-    result["hf_dir"] = str(export(start, run, tokenizer, result["steps"]))
+    hf_dir = export(start, run, tokenizer, result["steps"])
+    result["hf_dir"] = str(hf_dir) if hf_dir else None
     log.info(summary(result, algorithm.headline_metrics, log_dir))
     release_lock(log_dir)
     return result
 
 
-def export(start: RunStart, run, tokenizer, step: int) -> Path:
-    """hf/ (LoRA: a PEFT adapter folder, or merged), then finished.json: a rerun of this command has nothing to do."""
+def export(start: RunStart, run, tokenizer, step: int) -> Path | None:
+    """hf/ (LoRA: a PEFT adapter folder, or merged) unless the user turned it off
+    (exp_manager.checkpoint_callback_params.save_nemo_on_train_end=false), then finished.json: a rerun of
+    this command has nothing to do (and writes nothing)."""
     if not weights_finite(run.model):
         raise NonFiniteError(f"step {step}: the weights hold NaN or inf values; nothing is exported")
+    if not start.cfg.exp_manager.checkpoint_callback_params.save_nemo_on_train_end:
+        log.info("no hf/ export: exp_manager.checkpoint_callback_params.save_nemo_on_train_end=false")
+        if start.parallel.is_rank_zero:
+            mark_finished(start.log_dir, step, None)
+        return None
     hf_dir = export_hf(start.parallel, run.model, start.log_dir / "hf", tokenizer or start.tokenizer,
                        start.cfg.model.peft, start.restore)
     if start.parallel.is_rank_zero:
@@ -282,7 +292,8 @@ def summary(result: dict, headline: tuple[str, ...], log_dir: Path) -> str:
         lines.append(f"  val at the end:      {fmt(result['val'])}")
     if result.get("test"):
         lines.append(f"  test:                {fmt(result['test'])}")
-    lines.append(f"  outputs: {log_dir}/metrics.jsonl, tensorboard/, checkpoints/, hf/, curves.png")
+    lines.append(f"  outputs: {log_dir}/metrics.jsonl, tensorboard/, checkpoints/, {'hf/, ' if result['hf_dir'] else ''}"
+                 "curves.png")
     return "\n".join(lines)
 
 
@@ -532,17 +543,18 @@ def gpt_config_from_model(model_cfg, vocab_size: int) -> GPTConfig:
     return GPTConfig(**arch)
 
 
-def build_model(model_cfg, restore_from_path, tokenizer, device, prune=None) -> GPTModel:
+def build_model(model_cfg, restore_from_path, tokenizer, device, prune=None, task: str = CAUSAL_LM) -> GPTModel:
     """prune(model) -> model: with a checkpoint, applied before its weights are read (pipeline stages read
     only their own layers)."""
     if restore_from_path:
-        model = load_pretrained(restore_from_path, dtype="fp32", device=device, prune=prune)
+        model = load_pretrained(restore_from_path, dtype="fp32", device=device, prune=prune, task=task,
+                                seed=model_cfg.seed)
         model.config.activations_checkpointing = model_cfg.activations_checkpoint_granularity is not None
     else:
         # built whole on every rank (the run prunes it to the pipeline stage), so LoRA's random init consumes
         # the RNG as in one process
         torch.manual_seed(model_cfg.seed)
-        model = GPTModel(gpt_config_from_model(model_cfg, tokenizer.vocab_size)).to(device)
+        model = model_class(task)(gpt_config_from_model(model_cfg, tokenizer.vocab_size)).to(device)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}; use the checkpoint's tokenizer (model.tokenizer.path)")

@@ -28,6 +28,7 @@ class PreferenceExample:
     rejected: str | list
     chosen_reward: float | None = None
     rejected_reward: float | None = None
+    margin: float | None = None  # reward models: subtracted from r_chosen - r_rejected (model.data.margin_key)
     shape: str = ""  # which row shape it came from (for the start-up report)
     source: str = ""  # "file:line", for error messages and reports
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nemo_aligner.data.batch import PrefixGroup
 from nemo_aligner.data.dataset import TokenizeSettings, with_bos, with_eos
 from nemo_aligner.data.rows import DataError
 from nemo_aligner.data.preference.rows import PreferenceExample
@@ -24,6 +25,7 @@ class TokenizedPair:
     chosen_reward: float | None
     rejected_reward: float | None
     truncated: bool = False
+    margin: float | None = None  # reward models' per-pair margin (PreferenceExample.margin)
 
     @property
     def num_tokens(self) -> int:
@@ -33,6 +35,24 @@ class TokenizedPair:
     @property
     def num_labels(self) -> int:
         return len(self.chosen) + len(self.rejected)
+
+    @property
+    def num_shared_tokens(self) -> int:
+        """Tokens of the pair laid out with a shared prompt (`prefix_group`): the prompt once, plus one."""
+        return len(self.prompt) + 1 + len(self.chosen) + len(self.rejected)
+
+    def prefix_group(self) -> PrefixGroup:
+        """The pair as one prefix group: prompt[:-1] shared, then per response the last prompt token and
+        the response. The last prompt token is repeated because its position predicts each response's first
+        token, a different target per branch; every other prompt position has no target, so sharing it
+        computes exactly what the two separate sequences compute."""
+        shared, last = self.prompt[:-1], self.prompt[-1:]
+        branches = []
+        for response in (self.chosen, self.rejected):
+            mask = np.ones(1 + len(response), dtype=bool)
+            mask[0] = False
+            branches.append((np.concatenate([last, response]), mask))
+        return PrefixGroup(shared, branches)
 
     def sequences(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """(token ids, label mask) of the chosen and the rejected sequence: labels on the response only."""
@@ -66,17 +86,19 @@ def render(example: PreferenceExample, tokenizer, template: str | None) -> tuple
     return prompt_text, *responses
 
 
-def tokenize_pair(example: PreferenceExample, tokenizer, settings: TokenizeSettings) -> TokenizedPair | None:
-    """Token ids for one pair; None when the over-length policy drops it."""
+def tokenize_pair(example: PreferenceExample, tokenizer, settings: TokenizeSettings,
+                  require_prompt: bool = True) -> TokenizedPair | None:
+    """Token ids for one pair; None when the over-length policy drops it. require_prompt=False: an empty
+    prompt is fine (a reward model scores whole sequences; no response token needs one before it)."""
     prompt_text, chosen_text, rejected_text = render(example, tokenizer, settings.chat_template)
     prompt, _ = with_bos(tokenizer.encode(prompt_text), tokenizer, settings.add_bos)
     chosen, rejected = tokenizer.encode(chosen_text), tokenizer.encode(rejected_text)
     if settings.add_eos and isinstance(example.chosen, str) and tokenizer.eos_id is not None:
         chosen, rejected = with_eos(chosen, tokenizer.eos_id), with_eos(rejected, tokenizer.eos_id)
-    if not prompt:
+    if not prompt and require_prompt:
         raise DataError(f"{example.source}: the prompt has no tokens; a response needs at least one token before it")
     pair = TokenizedPair(np.asarray(prompt, np.int32), np.asarray(chosen, np.int32), np.asarray(rejected, np.int32),
-                         example.chosen_reward, example.rejected_reward)
+                         example.chosen_reward, example.rejected_reward, margin=example.margin)
     return apply_overlength(pair, settings, example.source)
 
 
@@ -92,8 +114,9 @@ def apply_overlength(pair: TokenizedPair, settings: TokenizeSettings, source: st
     if settings.overlength == "drop":
         return None
     # truncate: keep the responses whole if possible, cutting the prompt from the left (its end, next to
-    # the response, matters most); keep at least one prompt token so the first response token is scored.
-    keep_prompt = max(1, limit - max(c, r))
+    # the response, matters most); keep at least one prompt token (if there is one) so the first response
+    # token is scored.
+    keep_prompt = max(min(p, 1), limit - max(c, r))
     keep_response = limit - keep_prompt
     return TokenizedPair(pair.prompt[p - keep_prompt:], pair.chosen[:keep_response], pair.rejected[:keep_response],
-                         pair.chosen_reward, pair.rejected_reward, truncated=True)
+                         pair.chosen_reward, pair.rejected_reward, truncated=True, margin=pair.margin)

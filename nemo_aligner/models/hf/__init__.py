@@ -2,6 +2,10 @@
 
     model = load_pretrained("/models/Llama-3.2-1B", dtype="bf16")
     save_pretrained(model, "/results/hf", tokenizer=tok)
+    rm = load_pretrained("/models/rm", task="sequence_classification")   # a ScoreModel (reward model)
+
+A score model (`models.score.ScoreModel`) reads and writes `<Family>ForSequenceClassification` folders
+(`models.hf.sequence_classification`); loading a causal LM that way starts a fresh head.
 
 Only safetensors are read and no code from the checkpoint folder is ever executed.
 """
@@ -25,7 +29,11 @@ from nemo_aligner.models.hf.olmo2 import Olmo2Family
 from nemo_aligner.models.hf.phi3 import Phi3Family
 from nemo_aligner.models.hf.qwen2 import Qwen2Family
 from nemo_aligner.models.hf.qwen3 import Qwen3Family
+from nemo_aligner.models.hf.sequence_classification import (
+    SequenceClassificationNames, check_num_labels, config_keys, fill_fresh_head,
+)
 from nemo_aligner.models.lora import base_weights
+from nemo_aligner.models.score import CAUSAL_LM, is_score_model, model_class
 
 FAMILIES = {f.model_type: f for f in (LlamaFamily(), MistralFamily(), Qwen2Family(), GPT2Family(), Qwen3Family(),
                                       Gemma2Family(), Gemma3TextFamily(), Phi3Family(), Olmo2Family())}
@@ -34,7 +42,7 @@ SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
 REFUSED_MODEL_TYPES = {"gemma3": MULTIMODAL}
 
 __all__ = ["FAMILIES", "SUPPORTED_MODEL_TYPES", "config_from_pretrained", "load_pretrained", "save_pretrained",
-           "infer_model_type"]
+           "infer_model_type", "tensor_names"]
 
 
 def _family(model_type, source: str):
@@ -58,21 +66,28 @@ def config_from_pretrained(path) -> tuple[GPTConfig, str]:
         raise ValueError(f"{source}: missing key {err} required for model_type {family.model_type!r}") from None
 
 
-def load_pretrained(path, dtype="fp32", device="cpu", prune=None) -> GPTModel:
+def tensor_names(model, model_type: str):
+    """The name map of `model`'s Hugging Face layout: the family's (causal LM) or its sequence classifier's."""
+    family = FAMILIES[model_type]
+    return SequenceClassificationNames(family) if is_score_model(model) else family
+
+
+def load_pretrained(path, dtype="fp32", device="cpu", prune=None, task: str = CAUSAL_LM, seed: int = 0) -> GPTModel:
     """Build a GPTModel from a Hugging Face folder. dtype: fp32 | bf16 | fp16 (or a torch dtype).
 
     prune(model) -> model: drops modules before any weight is read (a pipeline stage reads only its own
-    layers' tensors)."""
+    layers' tensors). task: causal_lm (GPTModel) or sequence_classification (ScoreModel: the folder's
+    score head, or a fresh one drawn with `seed` from a causal-LM folder)."""
     path = Path(path)
     dtype = resolve_dtype(dtype)
     config, model_type = config_from_pretrained(path)
-    family = FAMILIES[model_type]
     files = weight_files(path)
+    with torch.device("meta"):
+        model = model_class(task)(config)
+    family = tensor_names(model, model_type)
     names = [n for n in files if not family.is_ignored(n)]
     if config.share_embeddings_and_output_weights:
         names = [n for n in names if n != "lm_head.weight"]  # some writers store the tied copy too
-    with torch.device("meta"):
-        model = GPTModel(config)
     if prune is not None:
         model = prune(model)
         wanted = set(family.to_hf(model.state_dict()))  # the HF names of what is left (meta tensors: no data)
@@ -82,11 +97,27 @@ def load_pretrained(path, dtype="fp32", device="cpu", prune=None) -> GPTModel:
         tensors, sources = family.from_hf(hf_tensors, config)
     except KeyError as err:
         name = err.args[0]
-        raise ValueError(f"{files[name]}: unexpected tensor {name!r} for model_type {model_type!r}") from None
+        raise ValueError(f"{files[name]}: unexpected tensor {name!r} for model_type {model_type!r}"
+                         f"{_task_hint(name, task)}") from None
+    if is_score_model(model):
+        _read_score_config(model, path)
+        fill_fresh_head(model, tensors, sources, seed, path)
     _check_tensors(model, tensors, sources, files, path)
     model.load_state_dict(tensors, assign=True, strict=True)
     model.hf_model_type = model_type
     return model.to(device)
+
+
+def _task_hint(name: str, task: str) -> str:
+    if name == "score.weight" and task == CAUSAL_LM:
+        return " (a sequence-classification / reward model: load it with task='sequence_classification')"
+    return ""
+
+
+def _read_score_config(model, path: Path) -> None:
+    hf = read_config(path)
+    check_num_labels(hf, str(path / "config.json"))
+    model.pad_token_id = hf.get("pad_token_id")
 
 
 def _check_tensors(model, tensors, sources, files, path):
@@ -129,6 +160,8 @@ def hf_config_dict(model: GPTModel, model_type: str, dtype: torch.dtype, tokeniz
           "torch_dtype": DTYPE_NAMES[dtype], "dtype": DTYPE_NAMES[dtype]}
     if tokenizer is not None:
         hf.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    if is_score_model(model):  # <Family>ForSequenceClassification, one label
+        hf.update(config_keys(model_type, tokenizer.pad_id if tokenizer is not None else model.pad_token_id))
     return hf
 
 
@@ -146,7 +179,7 @@ def save_pretrained(model: GPTModel, path, tokenizer=None, model_type: str | Non
     tensors = base_weights(state_dict if state_dict is not None else model.state_dict())
     dtype = resolve_dtype(dtype) if dtype is not None else next(iter(tensors.values())).dtype
     config = hf_config_dict(model, model_type, dtype, tokenizer)
-    hf_tensors = FAMILIES[model_type].to_hf({k: v.detach().to("cpu", dtype) for k, v in tensors.items()})
+    hf_tensors = tensor_names(model, model_type).to_hf({k: v.detach().to("cpu", dtype) for k, v in tensors.items()})
     tmp = atomic_dir(path)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_safetensors(hf_tensors, tmp, max_shard_size_bytes)

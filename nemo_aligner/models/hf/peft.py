@@ -17,6 +17,10 @@ and B block-diagonal, so B A x = [Bq Aq x; Bk Ak x; Bv Av x] (missing parts are 
 A sidecar `nemo_aligner_lora.json` records our per-module ranks and scales, so restoring our own
 export splits a fused adapter back exactly; a foreign one (dense B) is split into adapters on each
 part that share copies of A, which computes the same function.
+
+A reward model (`models.score.ScoreModel`) trains its head beside the adapters: the folder is then
+task_type SEQ_CLS with `modules_to_save: ["score"]` and the head as `base_model.model.score.weight`
+(`peft.AutoPeftModelForSequenceClassification.from_pretrained(folder, num_labels=1)` loads it).
 """
 
 import json
@@ -32,8 +36,10 @@ from safetensors.torch import load_file, save_file
 from nemo_aligner.models.hf import FAMILIES, infer_model_type, save_pretrained
 from nemo_aligner.models.hf.common import atomic_dir, finish_atomic_dir, rename
 from nemo_aligner.models.lora import (
-    LoRALinear, adapter_weights, apply_lora, freeze_base, lora_modules, lora_scales, merged_weights, wrap_linear,
+    LoRALinear, adapter_weights, apply_lora, freeze_base, is_adapter_key, lora_modules, lora_scales, merged_weights,
+    wrap_linear,
 )
+from nemo_aligner.models.score import SCORE_WEIGHT, is_score_model, saved_with_adapters, train_score_head
 
 log = logging.getLogger("nemo_aligner")
 
@@ -41,6 +47,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SIDECAR = "nemo_aligner_lora.json"
 PREFIX = "base_model.model."
+# A score model's head trains beside the adapters and is saved whole (PEFT's modules_to_save); PEFT also
+# lists "classifier" for SEQ_CLS on its own.
+SCORE_MODULES = ("score", "classifier")
+SCORE_KEY = f"{PREFIX}score.weight"
 _QKV = ("q_proj", "k_proj", "v_proj")
 # model_type -> [(HF module regex (group 1: layer), HF module template, our parent module, our parts in row order)]
 FUSED_MODULES = {
@@ -182,18 +192,24 @@ def _number(x: float):
 
 def write_adapter_folder(path, tensors: dict, specs: dict, config, model_type: str, tokenizer=None,
                          base_model_name_or_path: str | None = None) -> Path:
-    """The PEFT folder (atomically) from full adapter tensors in our names, their specs and the GPTConfig."""
+    """The PEFT folder (atomically) from full adapter tensors in our names, their specs and the GPTConfig.
+    A reward model's `tensors` also hold its head (`models.score.saved_with_adapters`): the folder is then
+    SEQ_CLS with the head saved whole; a causal LM's must hold adapters only."""
     if not specs:
         raise ValueError("no LoRA adapters to save (model.peft.peft_scheme=none?)")
     path = Path(path)
     peft_weights, shapes = peft_tensors(adapter_weights(tensors), specs, config, model_type)
+    score = SCORE_WEIGHT in tensors  # a score model: SEQ_CLS, its head saved whole
+    if score:
+        peft_weights[SCORE_KEY] = tensors[SCORE_WEIGHT].detach().cpu().contiguous()
     r, alpha, rank_pattern, alpha_pattern = _patterns(shapes)
     adapter_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "peft_type": "LORA", "task_type": "SEQ_CLS" if score else "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": alpha, "lora_dropout": max(spec["dropout"] for spec in specs.values()),
         "target_modules": sorted({_target_key(m) for m in shapes}), "bias": "none",
         "fan_in_fan_out": model_type == "gpt2", "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "use_rslora": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False, "modules_to_save": ["score"] if score else None, "init_lora_weights": True,
         "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
     }
     sidecar = {"format": 1, "model_type": model_type, "modules": specs}
@@ -213,6 +229,8 @@ def save_adapters(model, path, tokenizer=None, base_model_name_or_path: str | No
     state_dict: full tensors in our names when the caller gathered them; default the model's own."""
     inner = _inner(model)
     tensors = state_dict if state_dict is not None else inner.state_dict()
+    saved = saved_with_adapters(inner)  # a reward model's head; a causal LM's output layer is base, not saved
+    tensors = {name: t for name, t in tensors.items() if is_adapter_key(name) or name in saved}
     return write_adapter_folder(path, tensors, adapter_specs(inner), inner.config, _model_type(inner, model_type),
                                 tokenizer, base_model_name_or_path)
 
@@ -234,12 +252,13 @@ def read_adapter_config(path: Path) -> dict:
                                 f"({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
     cfg = json.loads(file.read_text())
     unsupported = {"peft_type": cfg.get("peft_type") != "LORA", "use_dora": bool(cfg.get("use_dora")),
-                   "bias": cfg.get("bias", "none") != "none", "modules_to_save": bool(cfg.get("modules_to_save")),
+                   "bias": cfg.get("bias", "none") != "none",
+                   "modules_to_save": bool(set(cfg.get("modules_to_save") or ()) - set(SCORE_MODULES)),
                    "layers_to_transform": cfg.get("layers_to_transform") is not None}
     bad = [k for k, is_bad in unsupported.items() if is_bad]
     if bad:
         raise ValueError(f"{file}: unsupported adapter settings {({k: cfg.get(k) for k in bad})}; supported: plain "
-                         "LoRA (peft_type LORA, bias none, no DoRA, no modules_to_save, every layer)")
+                         "LoRA (peft_type LORA, bias none, no DoRA, no modules_to_save but a reward model's score, every layer)")
     return cfg
 
 
@@ -262,7 +281,9 @@ def load_adapters(model, path, dropout: float = 0.0) -> list[str]:
         raise FileNotFoundError(f"{weights_file}: missing (pickled adapter_model.bin files are never loaded)")
     model_type = _model_type(inner)
     sidecar = json.loads((path / SIDECAR).read_text()) if (path / SIDECAR).is_file() else None
-    pairs = _adapter_pairs(load_file(weights_file), weights_file)
+    saved = load_file(weights_file)
+    _restore_score(inner, saved.pop(SCORE_KEY, None), weights_file)
+    pairs = _adapter_pairs(saved, weights_file)
     wrapped = []
     for hf_module, (a, b) in pairs.items():
         ours = our_module_names(model_type, hf_module)
@@ -279,6 +300,22 @@ def load_adapters(model, path, dropout: float = 0.0) -> list[str]:
             wrapped.append(name)
     freeze_base(inner)
     return wrapped
+
+
+def _restore_score(inner, score, source: Path) -> None:
+    """A reward model's head saved beside its adapters goes back into the score model (its last stage)."""
+    if score is None:
+        return
+    if not is_score_model(inner):
+        raise ValueError(f"{source}: holds a sequence-classification head ({SCORE_KEY}); restore it into a reward "
+                         "model (train_reward_model.py), not a causal LM")
+    if inner.output_layer is None:  # a pipeline stage without the head
+        return
+    if tuple(score.shape) != tuple(inner.output_layer.weight.shape):
+        raise ValueError(f"{source}: {SCORE_KEY} has shape {list(score.shape)}; the model's head is "
+                         f"{list(inner.output_layer.weight.shape)}")
+    with torch.no_grad():
+        inner.output_layer.weight.copy_(score)
 
 
 def _in_this_stage(inner, name: str) -> bool:
@@ -354,6 +391,7 @@ def setup_peft(model, peft_cfg, seed: int = 0) -> list[str]:
         names = apply_lora(model, lora, seed=seed)
         alpha = lora.alpha if lora.alpha is not None else lora.adapter_dim
         how = f"targets {list(lora.target_modules)}, rank {lora.adapter_dim}, alpha {alpha:g}"
+    train_score_head(model)  # a reward model's head trains with the adapters (PEFT's modules_to_save)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("LoRA: %d adapters (%s); %s trainable parameters of %s (%.3f%%), base frozen", len(names), how,
