@@ -206,3 +206,37 @@ def test_global_batch_must_hold_whole_groups(tmp_path):
     with pytest.raises(ValueError, match="model.global_batch_size=10 counts completions and must be a multiple of "
                                          "model.grpo.num_generations=4"):
         grpo_config(tmp_path, "model.global_batch_size=10", "model.micro_batch_size=2")
+
+
+def test_a_reward_model_is_one_more_reward_scored_as_transformers_scores(tmp_path):
+    import transformers as tf
+
+    from nemo_aligner.data.tokenizer import Tokenizer
+    from nemo_aligner.generation import prompt_token_ids
+
+    tokenizer = Tokenizer.from_path(ROOT / "examples/demo/tokenizer")
+    config = tf.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, num_labels=1,
+                            pad_token_id=tokenizer.pad_id, max_position_embeddings=128)
+    torch.manual_seed(3)
+    hf = tf.LlamaForSequenceClassification(config).eval()
+    hf.save_pretrained(tmp_path / "rm")
+    run(tmp_path / "run", f"model.grpo.reward_model_path={tmp_path / 'rm'}", "model.grpo.reward_weights=[1.0, 0.25, 2.0]",
+        "model.grpo.log_rollouts=true", "trainer.grpo.max_steps=1")
+    row = metrics(tmp_path / "run")[-1]
+    assert math.isfinite(row["train/rewards/reward_model/mean"])
+    records = [json.loads(line) for line in (tmp_path / "run/rollouts.jsonl").read_text().splitlines()]
+    assert len(records) == 16
+    for record in records[:4]:
+        ids = prompt_token_ids(record["prompt"], tokenizer) + record["completion_ids"]
+        with torch.no_grad():
+            want = float(hf(torch.tensor([ids])).logits[0, 0])
+        got = record["rewards"]["reward_model"]
+        assert got == pytest.approx(want, abs=1e-4)
+        combined = record["rewards"]["accuracy"] + 0.25 * record["rewards"]["says_a_colour"] + 2.0 * got
+        assert record["reward"] == pytest.approx(combined, abs=1e-5)
+
+
+def test_neither_reward_functions_nor_a_reward_model_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="model.grpo.reward_funcs is empty and there is no reward model"):
+        run(tmp_path, "model.grpo.reward_funcs=[]", "model.grpo.reward_weights=null")

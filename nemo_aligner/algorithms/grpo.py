@@ -30,7 +30,7 @@ from nemo_aligner.losses.policy import (
     PolicyHead, completion_metrics, group_advantages, mask_truncated, num_units, policy_loss_and_metrics,
     policy_loss_count_key, policy_loss_unit, reduce_policy_metrics, reward_metrics,
 )
-from nemo_aligner.rewards.combine import RewardScores
+from nemo_aligner.rewards.combine import RewardError, RewardScores
 from nemo_aligner.rollout import (
     VALIDATION_STREAM, PhaseTimes, Rollout, RolloutBatch, collate_rollout, gather_objects, gather_over_dp,
     generate_rollouts, per_sequence, rank_share, step_seed,
@@ -108,10 +108,13 @@ class GRPOAlgorithm:
 
     def __init__(self, settings: GRPOSettings, rewards, *, pad_id: int, global_batch_size: int, seed: int,
                  micro_batch_size: int, packed: bool = False, pack_size: int | None = None,
-                 rollouts_file: Path | None = None):
-        """packed: each micro-batch's completions packed into rows of pack_size tokens (None = the
-        micro-batch's longest); rollouts_file: a jsonl every step's completions are appended to."""
+                 rollouts_file: Path | None = None, reward_model_weight: float = 1.0):
+        """rewards: a RewardFunctions, or None (a reward model only); packed: each micro-batch's completions
+        packed into rows of pack_size tokens (None = the micro-batch's longest); rollouts_file: a jsonl every
+        step's completions are appended to; reward_model_weight: the weight of `reward_model` (set by the
+        recipe once the run exists: a rewards.reward_model.RewardModel, scored as one more reward)."""
         self.settings, self.rewards, self.pad_id, self.seed = settings, rewards, pad_id, seed
+        self.reward_model, self.reward_model_weight = None, reward_model_weight
         self.packed = packed
         self.items_per_step = global_batch_size // settings.num_generations  # prompts per step
         self.num_iterations = settings.num_iterations
@@ -161,6 +164,11 @@ class GRPOAlgorithm:
         """loss: the global batch's loss (the micro-batches' shares summed); TRL's clip / kl / entropy means."""
         return {"loss": float(sums["loss"]), **reduce_policy_metrics(sums)}
 
+    @property
+    def reward_names(self) -> list[str]:
+        return (self.rewards.names if self.rewards is not None else []) + (
+            ["reward_model"] if self.reward_model is not None else [])
+
     # ------------------------------------------------------------------ online
     def sync_weights(self, model) -> None:
         self.engine.sync_weights(model)
@@ -177,7 +185,7 @@ class GRPOAlgorithm:
         truncated_B = gather_over_dp(torch.tensor(dataset.values("truncated"), dtype=torch.float64), dp)
         times.add_tokens("generation", float(num_tokens_B.sum()))
         with times.phase("rewards"):
-            local = self.rewards(*reward_inputs(dataset))
+            local = self.score(dataset)
         scores = RewardScores(gather_over_dp(local.per_function_BF, dp), local.weights_F, local.names)
         rewards_B = scores.rewards_B
         advantages_B = group_advantages(rewards_B, s.num_generations, s.advantage_estimator, s.scale_rewards,
@@ -196,6 +204,26 @@ class GRPOAlgorithm:
             self._log_rollouts(step, dataset, local, dp)
         return Rollout(dataset, metrics, times)
 
+    def score(self, dataset) -> RewardScores:
+        """The reward functions' scores of this rank's completions and, with a reward model, its score of
+        each prompt + completion as one more column (named reward_model, weighted last)."""
+        parts, weights, names = [], [], []
+        if self.rewards is not None:
+            scores = self.rewards(*reward_inputs(dataset))
+            parts, weights, names = [scores.per_function_BF], scores.weights_F.tolist(), list(scores.names)
+        if self.reward_model is not None:
+            examples = dataset.examples
+            rm_B = self.reward_model.score([e.prompt_ids for e in examples], [e.completion_ids for e in examples])
+            bad = (~torch.isfinite(rm_B)).nonzero().flatten().tolist()
+            if bad:
+                raise RewardError(f"the reward model (model.grpo.reward_model_path) scored sample {bad[0]} "
+                                  f"{float(rm_B[bad[0]])}: prompt {examples[bad[0]].prompt!r:.200}, completion "
+                                  f"{examples[bad[0]].text!r:.200}")
+            parts.append(rm_B.float()[:, None])
+            weights.append(self.reward_model_weight)
+            names.append("reward_model")
+        return RewardScores(torch.cat(parts, dim=1), torch.tensor(weights), names)
+
     def _micro_batches(self, dataset, run) -> list:
         local = list(range(len(dataset)))
         return [self.make_batch(dataset, local[i:i + self.micro_batch_size], self.packed)
@@ -203,7 +231,8 @@ class GRPOAlgorithm:
 
     def _log_rollouts(self, step: int, dataset, scores, dp) -> None:
         records = [{"step": step + 1, "prompt_index": e.prompt_index, "sample_index": e.sample_index,
-                    "prompt": e.prompt, "completion": e.text, "truncated": e.truncated, "reward": e.reward,
+                    "prompt": e.prompt, "completion": e.text, "completion_ids": e.completion_ids.tolist(),
+                    "truncated": e.truncated, "reward": e.reward,
                     "advantage": e.advantage,
                     "rewards": {name: _finite_or_none(float(scores.per_function_BF[k, f]))
                                 for f, name in enumerate(scores.names)}}
@@ -225,9 +254,9 @@ class GRPOAlgorithm:
         share, first = items[dp.rank * per_rank:(dp.rank + 1) * per_rank], dp.rank * per_rank
         dataset = generate_rollouts(self.engine, layout.dataset, share, first,
                                     s.sampling(step_seed(self.seed, 0, VALIDATION_STREAM), s.val_num_generations))
-        scores = self.rewards(*reward_inputs(dataset)) if len(dataset) else None
+        scores = self.score(dataset) if len(dataset) else None
         columns = [] if scores is None else [scores.rewards_B] + list(scores.per_function_BF.T)
-        names = ["reward"] + [f"rewards/{name}/mean" for name in self.rewards.names]
+        names = ["reward"] + [f"rewards/{name}/mean" for name in self.reward_names]
         totals = torch.zeros(2 * len(names), dtype=torch.float64)
         for k, column in enumerate(columns):
             valid = ~torch.isnan(column)
