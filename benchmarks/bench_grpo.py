@@ -4,23 +4,86 @@ built-in sampler (and vLLM when it is importable and a checkpoint is given), on 
     python benchmarks/bench_grpo.py                                   # a 4-layer 256-wide model, demo tokenizer
     python benchmarks/bench_grpo.py --checkpoint /work/tools/smollm2-135m-instruct --steps 3
     python benchmarks/bench_grpo.py --engine vllm --checkpoint /path  # needs vllm installed
+    python benchmarks/bench_grpo.py --trl                             # also TRL 1.16 GRPOTrainer, same inputs
 
 Every phase's time comes from the run's own metrics (train/time/<phase>, train/tokens_per_sec/<phase>);
-the first step (warm-up) is left out of the medians. TRL's GRPOTrainer is not run here (not implemented:
-see docs/grpo.md for what a comparison needs).
+the first step (warm-up) is left out of the medians. With --trl (and no --checkpoint) a random llama of the
+chosen shape is written as a Hugging Face folder (the demo tokenizer in it) and both sides train it: TRL's
+GRPOTrainer in the TRL venv's python (--trl-python; TRL is a dependency of this benchmark only) with
+transformers generation, ours with the built-in sampler; same prompts, group size, completions per step
+(micro-batches x accumulation), completion length (random weights never say EOS, so every completion is
+full length), beta, temperature, lr, fp32, no evaluation, no checkpoints. TRL's step time is the time
+between its optimiser steps (a callback), generation included.
 """
 
 import argparse
 import json
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PHASES = ("generation", "rewards", "reference", "policy")
+DEFAULT_TRL_PYTHON = "/work/venvs/trl/bin/python"
+LETTER = ".*[a-m]"  # the reward both sides use: random completions often earn it
+
+
+def letter_reward(prompts=None, completions=(), **kwargs):
+    import re
+
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [1.0 if re.match(LETTER, t, flags=re.DOTALL | re.MULTILINE) else 0.0 for t in texts]
+
+
+def write_random_llama(args, folder: Path) -> Path:
+    """A random LlamaForCausalLM of the benchmark's shape with the demo tokenizer, as a Hugging Face folder."""
+    import torch
+    import transformers as tf
+
+    tokenizer_dir = ROOT / "examples/demo/tokenizer"
+    vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]) + 5
+    config = tf.LlamaConfig(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                            num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
+                            max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+    return folder
+
+
+def trl_child(spec: dict) -> dict:
+    """TRL 1.16 GRPOTrainer on the same folder and prompts (runs in the TRL venv)."""
+    import torch
+    from datasets import load_dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(0)
+    marks = []
+
+    class Steps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            marks.append(time.perf_counter())
+
+    data = load_dataset("json", data_files=spec["prompts"], split="train").remove_columns(["answer"])
+    config = GRPOConfig(output_dir=spec["out"], per_device_train_batch_size=spec["micro"],
+                        gradient_accumulation_steps=spec["accumulation"], num_generations=spec["G"],
+                        max_completion_length=spec["T"], beta=spec["beta"], temperature=1.0, learning_rate=1e-6,
+                        max_steps=spec["steps"], logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                        bf16=False, disable_dropout=True, shuffle_dataset=False, lr_scheduler_type="constant")
+    trainer = GRPOTrainer(model=spec["model"], reward_funcs=letter_reward, args=config, train_dataset=data)
+    trainer.add_callback(Steps())
+    start = time.perf_counter()
+    trainer.train()
+    steps = [b - a for a, b in zip([start] + marks[:-1], marks)]
+    return {"step_times": steps}
 
 
 def overrides(args, log_dir) -> list[str]:
@@ -32,7 +95,7 @@ def overrides(args, log_dir) -> list[str]:
            f"model.grpo.beta={args.beta}", f"model.grpo.engine={args.engine}",
            f"model.grpo.generation_batch_size={args.global_batch_size}",
            # random weights never say EOS: every completion runs to max_completion_length (a fixed workload)
-           "model.grpo.reward_funcs=[{fn: format_reward, name: letter, kwargs: {pattern: '.*[a-m]'}}]",
+           f"model.grpo.reward_funcs=[{{fn: format_reward, name: letter, kwargs: {{pattern: '{LETTER}'}}}}]",
            "model.grpo.reward_weights=null"]
     if args.checkpoint:
         out += [f"pretrained_checkpoint.restore_from_path={args.checkpoint}",
@@ -55,7 +118,13 @@ def main():
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--trl", action="store_true", help="also run TRL's GRPOTrainer on the same inputs")
+    p.add_argument("--trl-python", default=DEFAULT_TRL_PYTHON)
+    p.add_argument("--_trl-child", dest="trl_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.trl_child:
+        print("TRL-RESULT " + json.dumps(trl_child(json.loads(args.trl_child))))
+        return
     if args.engine == "vllm":
         try:
             import vllm  # noqa: F401
@@ -73,10 +142,13 @@ def main():
     raw = OmegaConf.load(ROOT / "examples/nlp/gpt/conf/gpt_grpo.yaml")
     raw.pop("defaults"), raw.pop("hydra")
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(with_preset(raw, ROOT / "examples/nlp/gpt/conf/demo/gpt_grpo.yaml", overrides(args, tmp)),
-                          GRPORunConfig)
+        if args.trl and not args.checkpoint:
+            args.checkpoint = str(write_random_llama(args, Path(tmp) / "model"))
+        cfg = load_config(with_preset(raw, ROOT / "examples/nlp/gpt/conf/demo/gpt_grpo.yaml",
+                                      overrides(args, Path(tmp) / "ours")), GRPORunConfig)
         run_grpo(cfg)
-        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()][1:]
+        rows = [json.loads(line) for line in (Path(tmp) / "ours/metrics.jsonl").read_text().splitlines()][1:]
+        trl = run_trl(args, Path(tmp)) if args.trl else None
     print(f"\nGRPO step ({args.engine} engine, {args.global_batch_size} completions = "
           f"{args.global_batch_size // args.num_generations} prompts x {args.num_generations}, "
           f"{args.completion_length} new tokens, beta {args.beta}; median of steps 2..{args.steps}):")
@@ -89,6 +161,25 @@ def main():
         rate = f"{statistics.median(speed):10.0f} tokens/s" if speed else ""
         print(f"  {phase:<11} {statistics.median(seconds):8.3f} s  {rate}")
     print(f"  {'step':<11} {total:8.3f} s  {args.global_batch_size / total:10.1f} completions/s")
+    if trl is not None:
+        theirs = statistics.median(trl["step_times"][1:] or trl["step_times"])
+        print(f"  TRL 1.16 GRPOTrainer step {theirs:8.3f} s  {args.global_batch_size / theirs:10.1f} completions/s "
+              f"(ours {theirs / total:.2f}x its throughput)")
+
+
+def run_trl(args, work: Path) -> dict:
+    if not Path(args.trl_python).exists():
+        sys.exit(f"--trl-python {args.trl_python} not found: a venv with torch==2.13.0 (first), then trl")
+    spec = {"model": args.checkpoint, "prompts": str(ROOT / "examples/demo/data/grpo_train.jsonl"),
+            "out": str(work / "trl"), "micro": args.micro_batch_size,
+            "accumulation": args.global_batch_size // args.micro_batch_size, "G": args.num_generations,
+            "T": args.completion_length, "beta": args.beta, "steps": args.steps}
+    proc = subprocess.run([args.trl_python, __file__, "--_trl-child", json.dumps(spec)], capture_output=True,
+                          text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("TRL-RESULT ")]
+    if proc.returncode or not lines:
+        sys.exit(f"TRL run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("TRL-RESULT "))
 
 
 if __name__ == "__main__":

@@ -240,3 +240,33 @@ def test_a_reward_model_is_one_more_reward_scored_as_transformers_scores(tmp_pat
 def test_neither_reward_functions_nor_a_reward_model_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="model.grpo.reward_funcs is empty and there is no reward model"):
         run(tmp_path, "model.grpo.reward_funcs=[]", "model.grpo.reward_weights=null")
+
+
+def test_the_schema_holds_trls_defaults_and_the_yaml_changes_none():
+    raw = OmegaConf.load(YAML)
+    raw.pop("defaults"), raw.pop("hydra")
+    cfg = load_config(raw, GRPORunConfig)
+    g, optim = cfg.model.grpo, cfg.model.optim
+    assert (g.num_generations, g.max_prompt_length, g.max_completion_length, g.temperature, g.loss_type, g.epsilon,
+            g.beta, g.num_iterations, g.advantage_estimator, g.resolved_scale_rewards) == (
+        8, 512, 512, 1.0, "dapo", 0.2, 0.0, 1, "grpo", "group")
+    assert (optim.lr, optim.weight_decay, list(optim.betas), optim.sched.name) == (1e-6, 0.0, [0.9, 0.999], "constant")
+    assert cfg.exp_manager.checkpoint_callback_params.monitor == "val_reward"
+
+
+def test_the_entry_script_runs_the_demo_and_names_a_bad_key(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    script = str(ROOT / "examples/nlp/gpt/train_gpt_grpo.py")
+    done = subprocess.run([sys.executable, script, "trainer.grpo.max_steps=2", "trainer.grpo.limit_val_batches=2",
+                           f"exp_manager.explicit_log_dir={tmp_path / 'demo'}", "exp_manager.progress_bar=false",
+                           "exp_manager.create_tensorboard_logger=false"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "running the bundled demo" in done.stdout and (tmp_path / "demo/hf/config.json").is_file()
+    assert "val/reward" in metrics(tmp_path / "demo")[-1]
+    bad = subprocess.run([sys.executable, script, "model.grpo.loss_typo=dapo", f"exp_manager.explicit_log_dir={tmp_path}"],
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode == 1 and "loss_typo" in bad.stderr and "Traceback" not in bad.stderr

@@ -196,8 +196,10 @@ class GRPOAlgorithm:
             example.advantage = float(advantages_B[dp.rank * n + k])
         if self.reference is not None:
             with times.phase("reference"):
-                self.reference.fill(dataset, self._micro_batches(dataset, run), run.executor)
-            times.add_tokens("reference", float(num_tokens_B.sum()))
+                batches = self._micro_batches(dataset, run)
+                self.reference.fill(dataset, batches, run.executor)
+            tokens = dp.all_reduce_sum(torch.tensor([float(sum(b.num_real_tokens for b in batches))]))
+            times.add_tokens("reference", float(tokens))
         metrics = {**reward_metrics(rewards_B, s.num_generations, s.scale_rewards), **scores.metrics(),
                    **completion_metrics(num_tokens_B, truncated_B.bool())}
         if self.rollouts_file is not None:
@@ -208,10 +210,11 @@ class GRPOAlgorithm:
         """The reward functions' scores of this rank's completions and, with a reward model, its score of
         each prompt + completion as one more column (named reward_model, weighted last)."""
         parts, weights, names = [], [], []
-        if self.rewards is not None:
-            scores = self.rewards(*reward_inputs(dataset))
-            parts, weights, names = [scores.per_function_BF], scores.weights_F.tolist(), list(scores.names)
-        if self.reward_model is not None:
+        if self.rewards is not None:  # a rank without completions (a short validation share) calls no function
+            per_function_BF = (self.rewards(*reward_inputs(dataset)).per_function_BF if len(dataset)
+                               else torch.zeros(0, len(self.rewards.names)))
+            parts, weights, names = [per_function_BF], list(self.rewards.weights), list(self.rewards.names)
+        if self.reward_model is not None:  # every rank, even without completions (its forwards are collective)
             examples = dataset.examples
             rm_B = self.reward_model.score([e.prompt_ids for e in examples], [e.completion_ids for e in examples])
             bad = (~torch.isfinite(rm_B)).nonzero().flatten().tolist()
@@ -254,8 +257,8 @@ class GRPOAlgorithm:
         share, first = items[dp.rank * per_rank:(dp.rank + 1) * per_rank], dp.rank * per_rank
         dataset = generate_rollouts(self.engine, layout.dataset, share, first,
                                     s.sampling(step_seed(self.seed, 0, VALIDATION_STREAM), s.val_num_generations))
-        scores = self.score(dataset) if len(dataset) else None
-        columns = [] if scores is None else [scores.rewards_B] + list(scores.per_function_BF.T)
+        scores = self.score(dataset)
+        columns = [scores.rewards_B] + list(scores.per_function_BF.T)
         names = ["reward"] + [f"rewards/{name}/mean" for name in self.reward_names]
         totals = torch.zeros(2 * len(names), dtype=torch.float64)
         for k, column in enumerate(columns):
