@@ -270,3 +270,13 @@ def test_the_entry_script_runs_the_demo_and_names_a_bad_key(tmp_path):
     bad = subprocess.run([sys.executable, script, "model.grpo.loss_typo=dapo", f"exp_manager.explicit_log_dir={tmp_path}"],
                          env=env, capture_output=True, text=True)
     assert bad.returncode == 1 and "loss_typo" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_packed_rollouts_train_as_padded_ones(tmp_path):
+    steps = ["trainer.grpo.max_steps=2", "model.optim.lr=1e-2", "model.grpo.beta=0.04"]
+    run(tmp_path / "padded", *steps)
+    run(tmp_path / "packed", *steps, "model.data.packing=true", "model.data.pack_size=64")
+    keep = ("loss", "reward", "kl", "entropy", "grad_norm", "completions/mean_length")
+    for p, q in zip(metrics(tmp_path / "padded"), metrics(tmp_path / "packed")):
+        for key in keep:
+            assert q[f"train/{key}"] == pytest.approx(p[f"train/{key}"], rel=1e-4, abs=1e-6), key
