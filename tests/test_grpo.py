@@ -280,3 +280,11 @@ def test_packed_rollouts_train_as_padded_ones(tmp_path):
     for p, q in zip(metrics(tmp_path / "padded"), metrics(tmp_path / "packed")):
         for key in keep:
             assert q[f"train/{key}"] == pytest.approx(p[f"train/{key}"], rel=1e-4, abs=1e-6), key
+
+
+def test_with_lora_the_reference_is_the_policy_with_adapters_off(tmp_path):
+    run(tmp_path, "model.peft.peft_scheme=lora", "model.peft.lora_tuning.adapter_dim=4", "model.grpo.beta=0.04",
+        "model.optim.lr=5e-2", "trainer.grpo.max_steps=3")
+    rows = metrics(tmp_path)
+    assert rows[0]["train/kl"] == pytest.approx(0.0, abs=1e-9)  # adapters start at zero: policy == reference
+    assert rows[-1]["train/kl"] > 0 and (tmp_path / "hf/adapter_config.json").is_file()
