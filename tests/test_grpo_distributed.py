@@ -6,7 +6,6 @@ norms and the completions' lengths match the single-process run."""
 import json
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.test_distributed import _free_ports
 from tests.test_grpo import grpo_config
 
 LAYOUTS = {"dp2": ["trainer.devices=2"], "tp2": ["trainer.devices=2", "model.tensor_model_parallel_size=2"]}
@@ -42,16 +42,6 @@ def _worker(rank: int, root: str, ports: dict):
         dist.destroy_process_group()
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(key, None)
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _metrics(log_dir) -> list[dict]:
