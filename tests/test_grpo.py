@@ -288,3 +288,11 @@ def test_with_lora_the_reference_is_the_policy_with_adapters_off(tmp_path):
     rows = metrics(tmp_path)
     assert rows[0]["train/kl"] == pytest.approx(0.0, abs=1e-9)  # adapters start at zero: policy == reference
     assert rows[-1]["train/kl"] > 0 and (tmp_path / "hf/adapter_config.json").is_file()
+
+
+def test_validation_samples_work_on_prompt_data(tmp_path):
+    run(tmp_path, "trainer.grpo.limit_val_batches=1", "exp_manager.val_samples.num_prompts=2",
+        "exp_manager.val_samples.max_new_tokens=3")
+    assert "val/reward" in metrics(tmp_path)[-1]
+    samples = [json.loads(line) for line in (tmp_path / "val_samples.jsonl").read_text().splitlines()]
+    assert samples and "color" in json.dumps(samples[0])
