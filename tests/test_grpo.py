@@ -296,3 +296,15 @@ def test_validation_samples_work_on_prompt_data(tmp_path):
     assert "val/reward" in metrics(tmp_path)[-1]
     samples = [json.loads(line) for line in (tmp_path / "val_samples.jsonl").read_text().splitlines()]
     assert samples and "color" in json.dumps(samples[0])
+
+
+def test_mini_batches_split_each_pass_into_optimiser_steps(tmp_path, monkeypatch):
+    from nemo_aligner.algorithms.grpo import GRPOAlgorithm
+    from nemo_aligner.training.loop import Trainer
+
+    updates, update = [], Trainer._update
+    monkeypatch.setattr(GRPOAlgorithm, "num_mini_batches", 2, raising=False)  # PPO's num_mini_batches
+    monkeypatch.setattr(Trainer, "_update", lambda self, b: (updates.append(sum(x.num_sequences for x in b)),
+                                                             update(self, b))[1])
+    run(tmp_path, "model.grpo.num_iterations=2", "model.micro_batch_size=4")
+    assert updates == [8, 8, 8, 8] * 2  # 2 steps x 2 passes x 2 mini-batches of 8 completions
