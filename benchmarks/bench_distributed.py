@@ -130,7 +130,7 @@ def main():
     mib = 2 ** 20
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)
-        demo = ROOT / "examples/demo/data/dpo_train.jsonl"
+        demo = ROOT / "nemo_aligner/demo/data/dpo_train.jsonl"
         (data_dir / "train.jsonl").write_text("".join(demo.read_text().splitlines(keepends=True)[:args.pairs]))
         results = {name: run_layout(name, args, data_dir) for name in args.layouts}
     base = results.get("tp1")

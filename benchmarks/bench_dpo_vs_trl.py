@@ -169,7 +169,7 @@ def _time_phases() -> dict:
 
     for owner, name, label in ((dpo, "start_run", "start (tokenizer, layout)"), (dpo, "load_layouts", "data"),
                                (dpo, "build_policy", "model load"), (dpo, "setup_reference", "reference pass"),
-                               (loop.Trainer, "fit", "fit (steps)"), (skeleton, "final_export", "hf export"),
+                               (loop.Trainer, "fit", "fit (steps)"), (skeleton, "export", "hf export"),
                                (logging_module, "plot_curves", "curves.png")):
         timed(owner, name, label)
     return phases

@@ -46,7 +46,7 @@ def write_random_llama(args, folder: Path) -> Path:
     import torch
     import transformers as tf
 
-    tokenizer_dir = ROOT / "examples/demo/tokenizer"
+    tokenizer_dir = ROOT / "nemo_aligner/demo/tokenizer"
     vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]) + 5
     config = tf.LlamaConfig(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                             num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
@@ -99,7 +99,7 @@ def overrides(args, log_dir) -> list[str]:
            "model.grpo.reward_weights=null"]
     if args.checkpoint:
         out += [f"pretrained_checkpoint.restore_from_path={args.checkpoint}",
-                f"model.data.data_prefix.train=[{ROOT / 'examples/demo/data/grpo_train.jsonl'}]"]
+                f"model.data.data_prefix.train=[{ROOT / 'nemo_aligner/demo/data/grpo_train.jsonl'}]"]
     else:
         out += [f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}",
                 f"model.ffn_hidden_size={4 * args.hidden}", "model.num_attention_heads=4", "model.num_query_groups=4"]
@@ -139,12 +139,12 @@ def main():
     from nemo_aligner.recipes.grpo import run_grpo
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    raw = OmegaConf.load(ROOT / "examples/nlp/gpt/conf/gpt_grpo.yaml")
+    raw = OmegaConf.load(ROOT / "nemo_aligner/conf/gpt_grpo.yaml")
     raw.pop("defaults"), raw.pop("hydra")
     with tempfile.TemporaryDirectory() as tmp:
         if args.trl and not args.checkpoint:
             args.checkpoint = str(write_random_llama(args, Path(tmp) / "model"))
-        cfg = load_config(with_preset(raw, ROOT / "examples/nlp/gpt/conf/demo/gpt_grpo.yaml",
+        cfg = load_config(with_preset(raw, ROOT / "nemo_aligner/conf/demo/gpt_grpo.yaml",
                                       overrides(args, Path(tmp) / "ours")), GRPORunConfig)
         run_grpo(cfg)
         rows = [json.loads(line) for line in (Path(tmp) / "ours/metrics.jsonl").read_text().splitlines()][1:]
@@ -170,7 +170,7 @@ def main():
 def run_trl(args, work: Path) -> dict:
     if not Path(args.trl_python).exists():
         sys.exit(f"--trl-python {args.trl_python} not found: a venv with torch==2.13.0 (first), then trl")
-    spec = {"model": args.checkpoint, "prompts": str(ROOT / "examples/demo/data/grpo_train.jsonl"),
+    spec = {"model": args.checkpoint, "prompts": str(ROOT / "nemo_aligner/demo/data/grpo_train.jsonl"),
             "out": str(work / "trl"), "micro": args.micro_batch_size,
             "accumulation": args.global_batch_size // args.micro_batch_size, "G": args.num_generations,
             "T": args.completion_length, "beta": args.beta, "steps": args.steps}

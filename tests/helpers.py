@@ -12,11 +12,11 @@ from nemo_aligner.config.presets import with_preset
 from nemo_aligner.models.heads import ModelWithHead
 
 ROOT = Path(__file__).resolve().parents[1]
-DPO_YAML = ROOT / "examples/nlp/gpt/conf/gpt_dpo.yaml"
-SFT_YAML = ROOT / "examples/nlp/gpt/conf/gpt_sft.yaml"
-DEMO_DIR = ROOT / "examples/nlp/gpt/conf/demo"  # conf/demo/<script's yaml>: what the no-argument scripts apply
-DEMO_TRAIN = ROOT / "examples/demo/data/dpo_train.jsonl"
-DEMO_VAL = ROOT / "examples/demo/data/dpo_val.jsonl"
+DPO_YAML = ROOT / "nemo_aligner/conf/gpt_dpo.yaml"
+SFT_YAML = ROOT / "nemo_aligner/conf/gpt_sft.yaml"
+DEMO_DIR = ROOT / "nemo_aligner/conf/demo"  # conf/demo/<script's yaml>: what the no-argument scripts apply
+DEMO_TRAIN = ROOT / "nemo_aligner/demo/data/dpo_train.jsonl"
+DEMO_VAL = ROOT / "nemo_aligner/demo/data/dpo_val.jsonl"
 
 # A small, fast variant of the DPO demo for tests.
 FAST = [

@@ -20,7 +20,7 @@ def test_loading_a_config_does_not_import_torch():
         "from omegaconf import OmegaConf\n"
         "from nemo_aligner.config import DPORunConfig, SFTRunConfig, load_config\n"
         "for name, schema in (('gpt_dpo', DPORunConfig), ('gpt_sft', SFTRunConfig)):\n"
-        "    raw = OmegaConf.to_container(OmegaConf.load(f'examples/nlp/gpt/conf/{name}.yaml'))\n"
+        "    raw = OmegaConf.to_container(OmegaConf.load(f'nemo_aligner/conf/{name}.yaml'))\n"
         "    raw.pop('defaults'); raw.pop('hydra')\n"
         "    cfg = load_config(raw, schema)\n"
         "    assert cfg.model.peft.lora_tuning.target_modules == ['attention_qkv']\n"
@@ -134,6 +134,7 @@ def test_recipes_do_not_import_each_other():
 
 
 def test_nothing_outside_recipes_imports_recipes():
+    # cli.py is the one layer above the recipes (the `nemo-aligner` command and the examples/ scripts)
     bad = [f"{path.relative_to(ROOT)} imports {module}" for path in sorted(PACKAGE.rglob("*.py"))
-           if "recipes" not in path.parts for module in _imports(path) if module.startswith("nemo_aligner.recipes")]
+           if "recipes" not in path.parts and path != PACKAGE / "cli.py" for module in _imports(path) if module.startswith("nemo_aligner.recipes")]
     assert not bad, "\n".join(bad)

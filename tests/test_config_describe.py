@@ -42,3 +42,12 @@ def test_help_text_groups_keys_by_section():
     assert "\n[model.dpo]\n  model.dpo.ref_policy_kl_penalty = 0.2\n      beta" in text
     sections = [line for line in text.splitlines() if line.startswith("[")]
     assert len(sections) == len(set(sections)) and sections[0] == "[run]" and sections[1] == "[trainer]"
+
+
+def test_every_key_of_every_command_has_a_one_line_description():
+    """`nemo-aligner <command> --help` describes every key it lists (a new key needs its comment)."""
+    from nemo_aligner.cli import COMMANDS, _load
+
+    for name, command in COMMANDS.items():
+        undocumented = [key.name for key in describe(_load(command.schema)) if not key.doc]
+        assert not undocumented, (name, undocumented)

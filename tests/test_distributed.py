@@ -177,7 +177,7 @@ def runs(tmp_path_factory):
     (data / "train.jsonl").write_text("".join(DEMO_TRAIN.read_text().splitlines(keepends=True)[:32]))
     # 5 validation pairs: dp ranks get unequal micro-batch counts (2 and 1) and the last micro-batch is partial
     (data / "val.jsonl").write_text("".join(DEMO_VAL.read_text().splitlines(keepends=True)[:5]))
-    sft_demo = ROOT / "examples/demo/data"
+    sft_demo = ROOT / "nemo_aligner/demo/data"
     (data / "sft_train.jsonl").write_text("".join((sft_demo / "sft_train.jsonl").read_text().splitlines(True)[:32]))
     (data / "sft_val.jsonl").write_text("".join((sft_demo / "sft_val.jsonl").read_text().splitlines(True)[:5]))
     t0 = time.perf_counter()

@@ -23,7 +23,7 @@ MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.from_path(ROOT / "examples/demo/tokenizer")
+    return Tokenizer.from_path(ROOT / "nemo_aligner/demo/tokenizer")
 
 
 def _write(tmp_path, rows, name="d.jsonl"):

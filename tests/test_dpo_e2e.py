@@ -117,7 +117,7 @@ def test_nemo_aligner_command_line_with_a_hugging_face_checkpoint(tmp_path):
     from nemo_aligner.data.tokenizer import Tokenizer
 
     ckpt = tmp_path / "llama"
-    tok = Tokenizer.from_path(ROOT / "examples/demo/tokenizer")
+    tok = Tokenizer.from_path(ROOT / "nemo_aligner/demo/tokenizer")
     config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, vocab_size=tok.vocab_size)
     transformers.LlamaForCausalLM(config).save_pretrained(ckpt)

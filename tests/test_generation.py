@@ -184,7 +184,7 @@ def chat_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("chat")
     hf = tiny_hf_model("qwen3_tied")
     hf.save_pretrained(folder)
-    tokenizer = Tokenizer.from_path(ROOT / "examples/demo/tokenizer")
+    tokenizer = Tokenizer.from_path(ROOT / "nemo_aligner/demo/tokenizer")
     tokenizer.save(folder)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [tokenizer.eos_id, 7, 9]}))
     return folder, Tokenizer.from_path(folder), load_pretrained(folder).eval()
@@ -322,13 +322,13 @@ def test_prompts_are_tokenised_as_training_tokenises_them(chat_model, tmp_path):
     from nemo_aligner.data.sft.tokenize import SFTTokenizeSettings
 
     _, tokenizer, _ = chat_model
-    dpo_rows = [json.loads(line) for line in (ROOT / "examples/demo/data/dpo_val.jsonl").read_text().splitlines()[:3]]
-    dpo = PreferenceDataset.from_files([ROOT / "examples/demo/data/dpo_val.jsonl"], tokenizer,
+    dpo_rows = [json.loads(line) for line in (ROOT / "nemo_aligner/demo/data/dpo_val.jsonl").read_text().splitlines()[:3]]
+    dpo = PreferenceDataset.from_files([ROOT / "nemo_aligner/demo/data/dpo_val.jsonl"], tokenizer,
                                        TokenizeSettings(seq_length=512))
     for row, pair in zip(dpo_rows, dpo.examples):
         assert prompt_token_ids(row["prompt"], tokenizer) == pair.prompt.tolist()
-    sft_rows = [json.loads(line) for line in (ROOT / "examples/demo/data/sft_val.jsonl").read_text().splitlines()[:3]]
-    sft = SFTDataset.from_files([ROOT / "examples/demo/data/sft_val.jsonl"], tokenizer,
+    sft_rows = [json.loads(line) for line in (ROOT / "nemo_aligner/demo/data/sft_val.jsonl").read_text().splitlines()[:3]]
+    sft = SFTDataset.from_files([ROOT / "nemo_aligner/demo/data/sft_val.jsonl"], tokenizer,
                                 SFTTokenizeSettings(seq_length=512))
     for row, example in zip(sft_rows, sft.examples):
         ids = prompt_token_ids(row["messages"][:-1], tokenizer)

@@ -19,7 +19,7 @@ from tests.conftest import tiny_hf_model
 from tests.helpers import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERATE_YAML = ROOT / "examples/nlp/gpt/conf/generate.yaml"
+GENERATE_YAML = ROOT / "nemo_aligner/conf/generate.yaml"
 MESSAGES = [{"role": "system", "content": "You answer questions about colors."},
             {"role": "user", "content": "Which color does the banana have?"}]
 
@@ -38,7 +38,7 @@ def checkpoint(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("qwen3")
     tiny_hf_model("qwen3_window").save_pretrained(folder)
-    Tokenizer.from_path(ROOT / "examples/demo/tokenizer").save(folder)
+    Tokenizer.from_path(ROOT / "nemo_aligner/demo/tokenizer").save(folder)
     return folder
 
 

@@ -42,7 +42,7 @@ def setup(tmp_path_factory):
                                       eos_token_id=4, pad_token_id=0)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer = Tokenizer.from_path(ROOT / "examples/demo/tokenizer")
+    tokenizer = Tokenizer.from_path(ROOT / "nemo_aligner/demo/tokenizer")
     tokenizer.save(folder)
     tokenizer = Tokenizer.from_path(folder)
     eos = eos_token_ids(tokenizer, folder)

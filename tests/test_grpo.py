@@ -18,8 +18,8 @@ from nemo_aligner.rewards import RewardError
 from nemo_aligner.rollout import RolloutDataset, RolloutExample, collate_rollout, per_sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-YAML = ROOT / "examples/nlp/gpt/conf/gpt_grpo.yaml"
-DEMO = ROOT / "examples/nlp/gpt/conf/demo/gpt_grpo.yaml"
+YAML = ROOT / "nemo_aligner/conf/gpt_grpo.yaml"
+DEMO = ROOT / "nemo_aligner/conf/demo/gpt_grpo.yaml"
 FAST = ["model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_layers=1", "model.num_attention_heads=2",
         "model.num_query_groups=1", "model.micro_batch_size=8", "model.global_batch_size=16",
         "model.grpo.num_generations=4", "model.grpo.max_completion_length=3", "trainer.grpo.max_steps=2",
@@ -214,7 +214,7 @@ def test_a_reward_model_is_one_more_reward_scored_as_transformers_scores(tmp_pat
     from nemo_aligner.data.tokenizer import Tokenizer
     from nemo_aligner.generation import prompt_token_ids
 
-    tokenizer = Tokenizer.from_path(ROOT / "examples/demo/tokenizer")
+    tokenizer = Tokenizer.from_path(ROOT / "nemo_aligner/demo/tokenizer")
     config = tf.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=2, num_key_value_heads=1, num_labels=1,
                             pad_token_id=tokenizer.pad_id, max_position_embeddings=128)

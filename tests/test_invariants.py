@@ -54,7 +54,7 @@ def test_dpo_micro_batch_1_and_8_give_the_same_steps(tmp_path):
 
 @pytest.mark.parametrize("normalization", ["tokens", "sequences"])
 def test_sft_micro_batch_1_and_8_give_the_same_steps(tmp_path, normalization):
-    demo = ROOT / "examples/demo/data"
+    demo = ROOT / "nemo_aligner/demo/data"
     data = [f"model.data.data_prefix.train=[{_head(demo / 'sft_train.jsonl', tmp_path, 32)}]",
             f"model.data.data_prefix.validation=[{_head(demo / 'sft_val.jsonl', tmp_path, 16)}]"]
     for micro in (1, 8):

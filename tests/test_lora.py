@@ -250,13 +250,13 @@ def test_sft_trains_only_adapters_and_exports_them(tmp_path):
     from tests.helpers import ROOT
 
     data = tmp_path / "sft.jsonl"
-    data.write_text("".join(open(ROOT / "examples/demo/data/sft_train.jsonl").readlines()[:16]))
+    data.write_text("".join(open(ROOT / "nemo_aligner/demo/data/sft_train.jsonl").readlines()[:16]))
     cfg = dpo_config(tmp_path / "run", *LORA, "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_layers=1",
                      "model.num_attention_heads=2", "model.num_query_groups=1", "model.micro_batch_size=8",
                      "model.global_batch_size=8", "exp_manager.progress_bar=false", "trainer.sft.max_steps=4",
                      "trainer.sft.max_epochs=10", "trainer.sft.val_check_interval=4", "model.optim.lr=0.01",
                      f"model.data.data_prefix.train=[{data}]", f"model.data.data_prefix.validation=[{data}]",
-                     yaml=ROOT / "examples/nlp/gpt/conf/gpt_sft.yaml", schema=SFTRunConfig)
+                     yaml=ROOT / "nemo_aligner/conf/gpt_sft.yaml", schema=SFTRunConfig)
     result = run_sft(cfg)
     assert result["val"]["loss"] < result["initial_val"]["loss"]
     assert (tmp_path / "run/hf/adapter_config.json").is_file() and (tmp_path / "run/hf_base/config.json").is_file()

@@ -22,8 +22,8 @@ SMOOTHING = {"dpo": 0.1, "sigmoid": 0.1, "robust": 0.1, "exo_pair": 0.1}
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    tok = Tokenizer.from_path(ROOT / "examples/demo/tokenizer")
-    rows = [json.loads(line) for line in (ROOT / "examples/demo/data/dpo_train.jsonl").read_text().splitlines()[:6]]
+    tok = Tokenizer.from_path(ROOT / "nemo_aligner/demo/tokenizer")
+    rows = [json.loads(line) for line in (ROOT / "nemo_aligner/demo/data/dpo_train.jsonl").read_text().splitlines()[:6]]
     for k, row in enumerate(rows):
         row["chosen_reward"], row["rejected_reward"] = float(k % 3), -1.0
     path = tmp_path_factory.mktemp("d") / "pairs.jsonl"

@@ -37,7 +37,7 @@ def checkpoints(tmp_path_factory):
     """kind -> (folder with the saved transformers model and the demo tokenizer, the live model)."""
     from nemo_aligner.data.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_path(ROOT / "examples/demo/tokenizer")
+    tokenizer = Tokenizer.from_path(ROOT / "nemo_aligner/demo/tokenizer")
     out = {}
     for kind in FAMILY_KINDS:
         model = tiny_hf_model(kind)

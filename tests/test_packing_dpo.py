@@ -32,9 +32,9 @@ from nemo_aligner.recipes.prepare_packed_dpo import parse_args, prepare_packed_d
 from tests.helpers import one_process_run
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = ROOT / "examples/demo/tokenizer"
-TRAIN = ROOT / "examples/demo/data/dpo_train.jsonl"
-VAL = ROOT / "examples/demo/data/dpo_val.jsonl"
+TOKENIZER = ROOT / "nemo_aligner/demo/tokenizer"
+TRAIN = ROOT / "nemo_aligner/demo/data/dpo_train.jsonl"
+VAL = ROOT / "nemo_aligner/demo/data/dpo_val.jsonl"
 SCRIPT = ROOT / "examples/nlp/data/dpo/prepare_packed_dpo_dataset.py"
 SEQ = 96  # model.encoder_seq_length of gpt_dpo.yaml: the per-sequence limit when packing
 PACK_SIZES = (256, 384)

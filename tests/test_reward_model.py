@@ -27,7 +27,7 @@ from nemo_aligner.models.heads import ModelWithHead
 from nemo_aligner.models.score import ScoreModel
 from tests.helpers import DEMO_TRAIN, DEMO_VAL, ROOT, compose, comparable, read_metrics
 
-RM_YAML = ROOT / "examples/nlp/gpt/conf/training_rm.yaml"
+RM_YAML = ROOT / "nemo_aligner/conf/training_rm.yaml"
 SCRIPT = ROOT / "examples/nlp/gpt/train_reward_model.py"
 MSGS = [{"role": "user", "content": "What color is the sky?"}]
 FAST = ["exp_manager.progress_bar=false", "exp_manager.create_tensorboard_logger=false",
@@ -49,7 +49,7 @@ def _fast(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.from_path(ROOT / "examples/demo/tokenizer")
+    return Tokenizer.from_path(ROOT / "nemo_aligner/demo/tokenizer")
 
 
 def rm_config(log_dir, *overrides):
@@ -223,7 +223,7 @@ def causal_lm(tmp_path_factory):
     import transformers
 
     folder = tmp_path_factory.mktemp("llama")
-    tok = Tokenizer.from_path(ROOT / "examples/demo/tokenizer")
+    tok = Tokenizer.from_path(ROOT / "nemo_aligner/demo/tokenizer")
     config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                       num_key_value_heads=1, vocab_size=tok.vocab_size, pad_token_id=tok.pad_id)
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tests.helpers import ROOT, compose
 from tests.test_distributed import _free_ports
 
-RM_YAML = ROOT / "examples/nlp/gpt/conf/training_rm.yaml"
+RM_YAML = ROOT / "nemo_aligner/conf/training_rm.yaml"
 # name -> overrides; every layout keeps the single-process global batch (8 pairs)
 LAYOUTS = {"tp2": ["model.tensor_model_parallel_size=2"],
            "tp2_sp": ["model.tensor_model_parallel_size=2", "model.sequence_parallel=true"],
@@ -96,7 +96,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("rm_distributed")
     data = root / "data"
     data.mkdir()
-    demo = ROOT / "examples/demo/data"  # NeMo-Aligner comparison files: two lines per pair
+    demo = ROOT / "nemo_aligner/demo/data"  # NeMo-Aligner comparison files: two lines per pair
     (data / "train.jsonl").write_text("".join((demo / "rm_comparisons_train.jsonl").read_text().splitlines(True)[:48]))
     # 5 validation pairs: dp ranks get unequal micro-batch counts and the last micro-batch is partial
     (data / "val.jsonl").write_text("".join((demo / "rm_comparisons_val.jsonl").read_text().splitlines(True)[:10]))

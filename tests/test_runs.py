@@ -4,6 +4,7 @@ real processes (stop at step k, rerun, the metrics equal a straight run); the no
 checkpoints); LoRA determinism from a checkpoint; user errors (one message, no traceback, before any
 expensive work); and no work nobody asked for (validation off, the test split)."""
 
+import gzip
 import json
 import os
 import re
@@ -358,7 +359,7 @@ def tiny_llama(tmp_path_factory):
     from nemo_aligner.data.tokenizer import Tokenizer
 
     folder = tmp_path_factory.mktemp("llama")
-    tok = Tokenizer.from_path(ROOT / "examples/demo/tokenizer")
+    tok = Tokenizer.from_path(ROOT / "nemo_aligner/demo/tokenizer")
     config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                       num_key_value_heads=1, vocab_size=tok.vocab_size, max_position_embeddings=256)
     torch.manual_seed(0)
@@ -429,7 +430,7 @@ def _packed_with_a_foreign_token(tmp_path):
     from nemo_aligner.data.preference.packed_file import write_packed_file
     from nemo_aligner.data.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_path(ROOT / "examples/demo/tokenizer")
+    tok = Tokenizer.from_path(ROOT / "nemo_aligner/demo/tokenizer")
     dataset = PreferenceDataset.from_files([_rows(tmp_path / "pairs.jsonl", 16)], tok, TokenizeSettings(seq_length=96))
     path = tmp_path / "packed.safetensors"
     write_packed_file(path, dataset, pack_examples(dataset, 192, "first_fit_decreasing", 0), pack_size=192,
@@ -457,15 +458,18 @@ def _user_error_cases(tmp_path, tiny_llama):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     small = _rows(tmp_path / "small.jsonl", 3)
+    cut_gzip = tmp_path / "cut.jsonl.gz"
+    cut_gzip.write_bytes(gzip.compress(_rows(tmp_path / "many.jsonl", 400).read_bytes())[:300])
     return {
         "identical": ([f"model.data.data_prefix.train=[{same}]"],
                       r"16 of 16 pairs have the same chosen and rejected response \(.*identical\.jsonl:1, "),
         "wizard": ([f"model.data.data_prefix.train=[{wizard}]"],
-                   r"wizard\.jsonl:1: prompt\[0\] has unknown role 'wizard'; the chat templates accept "
-                   r"\['system', 'user', 'assistant'\]"),
+                   r"wizard\.jsonl:1: prompt\[0\] has unknown role 'wizard'; expected one of "
+                   r"\['system', 'user', 'assistant', 'tool'\]"),
         "non_utf8": ([f"model.data.data_prefix.train=[{latin}]"], r"latin1\.jsonl:2: not valid UTF-8 \(byte 0xe9"),
         "directory": ([f"model.data.data_prefix.train=[{tmp_path}]"],
-                      r"model\.data\.data_prefix\.train: .* is a directory; expected a data file"),
+                      r"model\.data\.data_prefix\.train: .* is a directory without data: expected a Hugging "
+                      r"Face dataset folder"),
         "missing_checkpoint": ([f"pretrained_checkpoint.restore_from_path={tmp_path / 'nowhere'}"],
                                r"pretrained_checkpoint\.restore_from_path=.*nowhere: not found; expected a Hugging "
                                r"Face model folder"),
@@ -477,6 +481,9 @@ def _user_error_cases(tmp_path, tiny_llama):
                           r"packed\.safetensors: pair \d+ \(source row \d+\) holds token id 1000000, outside the "
                           r"tokenizer's vocabulary of 400"),
         "wandb": (["exp_manager.create_wandb_logger=true"], r"create_wandb_logger=true needs Weights & Biases"),
+        "blend": ([f"model.data.data_prefix.train=[0.7,{small},0.3]"],
+                  r"model\.data\.data_prefix\.train=.*a blend lists weights and paths alternating"),
+        "corrupt_gzip": ([f"model.data.data_prefix.train=[{cut_gzip}]"], r"cut\.jsonl\.gz: gzip data corrupt or cut"),
         "too_small": ([f"model.data.data_prefix.train=[{small}]"],
                       r"train data has 3 items but model\.global_batch_size=8"),
         "unwritable_log_dir": ([f"exp_manager.explicit_log_dir={blocker / 'run'}"],
@@ -487,7 +494,7 @@ def _user_error_cases(tmp_path, tiny_llama):
 
 
 USER_ERRORS = ["identical", "wizard", "non_utf8", "directory", "missing_checkpoint", "truncated_safetensors",
-               "foreign_token", "wandb", "too_small", "unwritable_log_dir", "non_finite"]
+               "foreign_token", "wandb", "blend", "corrupt_gzip", "too_small", "unwritable_log_dir", "non_finite"]
 
 
 def test_every_user_error_is_one_message_without_a_traceback_before_any_expensive_work(tmp_path, tiny_llama,
@@ -528,7 +535,7 @@ def test_some_identical_pairs_are_counted_and_named(tmp_path, caplog):
         rows[k]["rejected_response"] = rows[k]["chosen_response"]
     path = _jsonl(tmp_path / "some.jsonl", rows)
     with caplog.at_level("WARNING", logger="nemo_aligner"):
-        dataset = PreferenceDataset.from_files([path], Tokenizer.from_path(ROOT / "examples/demo/tokenizer"),
+        dataset = PreferenceDataset.from_files([path], Tokenizer.from_path(ROOT / "nemo_aligner/demo/tokenizer"),
                                                TokenizeSettings(seq_length=96), name="model.data.data_prefix.train")
     assert len(dataset) == 10
     assert f"2 of 10 pairs have the same chosen and rejected response ({path}:3, {path}:7)" in caplog.text

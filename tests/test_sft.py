@@ -28,10 +28,10 @@ from nemo_aligner.recipes.sft import run_sft
 from tests.helpers import compose, micro_batch_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-SFT_YAML = ROOT / "examples/nlp/gpt/conf/gpt_sft.yaml"
-DPO_YAML = ROOT / "examples/nlp/gpt/conf/gpt_dpo.yaml"
+SFT_YAML = ROOT / "nemo_aligner/conf/gpt_sft.yaml"
+DPO_YAML = ROOT / "nemo_aligner/conf/gpt_dpo.yaml"
 NEMO_SFT = ROOT / "tests/data/nemo_aligner_format/dummy-sft.jsonl"
-DEMO = ROOT / "examples/demo/data"
+DEMO = ROOT / "nemo_aligner/demo/data"
 FAST = ["model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_layers=1", "model.num_attention_heads=2",
         "model.num_query_groups=1", "model.micro_batch_size=8", "model.global_batch_size=16",
         "exp_manager.progress_bar=false", f"model.data.data_prefix.train=[{DEMO / 'sft_train.jsonl'}]",
@@ -58,7 +58,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.from_path(ROOT / "examples/demo/tokenizer")
+    return Tokenizer.from_path(ROOT / "nemo_aligner/demo/tokenizer")
 
 
 def _settings(**kw):

@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[2] / "nemo_aligner" / "demo"  # shipped in the wheel
 COLOURS = ["red", "green", "blue", "yellow", "orange", "purple", "white", "black", "brown", "pink"]
 OBJECTS = {
     "banana": "yellow", "lemon": "yellow", "sun": "yellow", "corn": "yellow",

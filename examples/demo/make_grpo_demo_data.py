@@ -1,6 +1,6 @@
 """Regenerate the GRPO demo's prompts: which colour is a banana? -- asked with no answer given, so the
 reward functions must verify it (`answer` column: the colour). Uses the objects and phrasings of the other
-demos (make_demo_assets.py) and the bundled demo tokenizer. Validation asks about the same objects with a
+demos (make_demo_assets.py) and the bundled demo tokenizer. Written into nemo_aligner/demo/data/. Validation asks about the same objects with a
 phrasing training never uses. Deterministic: running it again rewrites identical files.
 
     python examples/demo/make_grpo_demo_data.py
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from make_demo_assets import COLOURS, OBJECTS, TRAIN_PROMPTS, VAL_PROMPTS
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[2] / "nemo_aligner" / "demo"  # shipped in the wheel
 COLOUR_PATTERN = r"\b(" + "|".join(COLOURS) + r")\b"  # what the demo's reward functions look for
 
 

@@ -13,10 +13,12 @@ import dataclasses
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from nemo_aligner.config import resolvers  # noqa: F401  (registers ${multiply:...}, ${demo_asset:...}, ...)
 from nemo_aligner.config.dpo import DPORunConfig
 from nemo_aligner.config.generate import GenerateRunConfig
 from nemo_aligner.config.grpo import GRPORunConfig
 from nemo_aligner.config.rm import RMRunConfig
+from nemo_aligner.config.nemo_compat import strip_nemo_only_keys
 from nemo_aligner.config.sft import SFTRunConfig
 
 __all__ = ["ConfigError", "load_config", "DPORunConfig", "GenerateRunConfig", "GRPORunConfig", "RMRunConfig",
@@ -28,11 +30,15 @@ class ConfigError(ValueError):
 
 
 def load_config(raw, schema):
-    """raw: DictConfig / dict from Hydra or YAML -> a schema dataclass instance (validated)."""
-    if isinstance(raw, DictConfig):
-        raw = OmegaConf.to_container(raw, resolve=True)
-    raw = {k: v for k, v in (raw or {}).items() if k != "hydra"}
+    """raw: DictConfig / dict from Hydra or YAML -> a schema dataclass instance (validated).
+
+    Interpolations resolve after the merge with the schema, so a NeMo config file's `${model.encoder_seq_length}`
+    or `${multiply:${model.tensor_model_parallel_size}, ...}` finds the schema's defaults; NeMo's Megatron-only
+    keys are dropped first (config.nemo_compat)."""
+    if isinstance(raw, DictConfig):  # plain values (a Hydra config is typed by the schema); interpolations kept
+        raw = OmegaConf.to_container(raw, resolve=False)
     try:
+        raw = strip_nemo_only_keys(OmegaConf.create({k: v for k, v in (raw or {}).items() if k != "hydra"}))
         merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
         return OmegaConf.to_object(merged)
     except ConfigKeyError as err:

@@ -1,4 +1,4 @@
-"""The DPO run config (examples/nlp/gpt/conf/gpt_dpo.yaml): the shared sections plus trainer.dpo,
+"""The DPO run config (nemo_aligner/conf/gpt_dpo.yaml): the shared sections plus trainer.dpo,
 the preference data section and model.dpo, with NeMo-Aligner's key names.
 
 Unknown keys and wrong types fail at start-up naming the key (`nemo_aligner.config.load_config`).
@@ -16,7 +16,7 @@ class PreferenceDataConfig(DataConfig):
 
     data_impl: str = "jsonl"  # jsonl | parquet | packed_jsonl (files from prepare_packed_dpo_dataset.py; encoder_seq_length = pack size)
     default_chosen_reward: float = 1.0  # used by rpo_* when a row has no chosen_reward
-    default_rejected_reward: float = 0.0
+    default_rejected_reward: float = 0.0  # RPO's reward of the rejected response where a row has none
     prompt_key: Optional[str] = None  # column names; null = detect (prompt / instruction)
     chosen_key: Optional[str] = None  # null = detect (chosen_response / chosen)
     rejected_key: Optional[str] = None  # null = detect (rejected_response / rejected)
@@ -33,14 +33,14 @@ class PreferenceDataConfig(DataConfig):
 class DPOConfig:
     """model.dpo: the preference loss and the reference policy."""
 
-    ref_policy_kl_penalty: float = 0.2  # beta
+    ref_policy_kl_penalty: float = 0.2  # beta: the KL coefficient scaling the implicit rewards (TRL's beta)
     preference_loss: Any = "dpo"  # a loss name or a list of names (weighted by preference_loss_weights); see losses/preference.py
     preference_loss_weights: Optional[list] = None  # weights when preference_loss is a list
     preference_average_log_probs: bool = False  # divide each log-prob sum by its response-token count
     sft_average_log_probs: Optional[bool] = None  # null = preference_average_log_probs
     gt_reward_scale: float = 1.0  # scale of (chosen_reward - rejected_reward) in rpo_* losses
-    preference_loss_weight: float = 1.0
-    sft_loss_weight: float = 0.0
+    preference_loss_weight: float = 1.0  # weight of the preference loss in the total
+    sft_loss_weight: float = 0.0  # weight of an SFT (NLL) loss on the chosen responses (RPO-style); 0 = none
     label_smoothing: float = 0.0  # cDPO epsilon (dpo/sigmoid), robust's epsilon
     loss_kwargs: dict = field(default_factory=dict)  # extra loss parameters, e.g. {simpo_gamma: 0.5}
     ref_mode: Optional[str] = None  # precompute (cached log-probs) | online (frozen copy) | adapter (LoRA off); null = adapter with LoRA, else precompute
@@ -89,6 +89,6 @@ class DPOModelConfig(ModelConfig):
 class DPORunConfig(RunConfig):
     """The whole of gpt_dpo.yaml."""
 
-    name: str = "megatron_gpt_dpo"
+    name: str = "megatron_gpt_dpo"  # the run's name (NeMo's)
     trainer: DPOTrainerConfig = field(default_factory=DPOTrainerConfig)
     model: DPOModelConfig = field(default_factory=DPOModelConfig)

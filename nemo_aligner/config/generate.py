@@ -1,4 +1,4 @@
-"""The generate run config (examples/nlp/gpt/conf/generate.yaml); its sampling keys are checked by
+"""The generate run config (nemo_aligner/conf/generate.yaml); its sampling keys are checked by
 `sections.check_sampling`, as exp_manager.val_samples and `generation.SamplingParams` are.
 
     python examples/nlp/gpt/generate.py pretrained_checkpoint.restore_from_path=DIR \
@@ -37,7 +37,7 @@ class GenerationConfig:
     add_bos: Optional[bool] = None  # prepend BOS unless there; null = when the tokenizer has one (as training)
     precision: str = "32"  # 32 | bf16 (weights cast to bf16 for generation)
     vllm_kv_cache_gib: Optional[float] = 1.0  # backend=vllm: its KV cache memory; null = vLLM's gpu_memory_utilization
-    progress_bar: bool = True
+    progress_bar: bool = True  # show a progress bar over the prompts
 
     def __post_init__(self):
         check_sampling(self, "generation")
@@ -52,10 +52,10 @@ class GenerationConfig:
 class GenerateModelConfig:
     """model: the parallel layout and tokenizer of a generate run (the architecture comes from the checkpoint)."""
 
-    tensor_model_parallel_size: int = 1
+    tensor_model_parallel_size: int = 1  # ranks one layer is split over (torchrun)
     pipeline_model_parallel_size: int = 1  # must be 1: generation runs whole layers on each rank
     micro_batch_size: int = 1  # kept so the parallel layout checks read as in training
-    global_batch_size: int = 1
+    global_batch_size: int = 1  # kept for NeMo command lines; generation.batch_size sets the batch
     sequence_parallel: bool = False  # must be false for generation (one token per step cannot be split)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 

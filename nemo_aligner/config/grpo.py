@@ -178,7 +178,7 @@ class GRPOModelConfig(ModelConfig):
 class GRPORunConfig(RunConfig):
     """The whole of gpt_grpo.yaml."""
 
-    name: str = "megatron_gpt_grpo"
+    name: str = "megatron_gpt_grpo"  # the run's name (NeMo-style)
     trainer: GRPOTrainerConfig = field(default_factory=GRPOTrainerConfig)
     model: GRPOModelConfig = field(default_factory=GRPOModelConfig)
     exp_manager: ExpManagerConfig = field(default_factory=_grpo_exp_manager)

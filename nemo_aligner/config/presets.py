@@ -2,7 +2,7 @@
 
 The typed schema holds real-model defaults (NeMo-Aligner's gpt_dpo.yaml / gpt_sft.yaml values). A demo
 (a tiny model trained from scratch on toy data, at a high learning rate, for several epochs) needs other
-values; they live in `examples/nlp/gpt/conf/demo/<recipe>.yaml` and are applied only to a run that names
+values; they live in `nemo_aligner/conf/demo/<recipe>.yaml` and are applied only to a run that names
 no checkpoint and no data (`pretrained_checkpoint.restore_from_path` and `model.data.data_prefix` both
 unset), i.e. exactly the script run with no arguments (or with overrides of other keys), or when asked for
 on the command line with `+demo=gpt_dpo` (the presets are a Hydra config group at the root package, e.g.

@@ -1,4 +1,4 @@
-"""The reward-model run config (examples/nlp/gpt/conf/training_rm.yaml): the shared sections plus
+"""The reward-model run config (nemo_aligner/conf/training_rm.yaml): the shared sections plus
 trainer.rm, the preference data section and the reward-model keys, with NeMo-Aligner's names
 (`model.reward_model_type`, `model.force_head_dtype`, ...) and TRL's `center_rewards_coefficient`.
 
@@ -39,11 +39,11 @@ class RegressionConfig:
     """model.regression: NeMo-Aligner's attribute-regression head (reward_model_type=regression); kept so NeMo
     configs load, used by no supported type yet."""
 
-    num_attributes: int = 1
-    merge_attributes: bool = False
-    attribute_weights: Optional[list] = None
-    loss_mask_val: int = -100
-    load_rm_head_weights: bool = False
+    num_attributes: int = 1  # attribute heads (regression only)
+    merge_attributes: bool = False  # regression only
+    attribute_weights: Optional[list] = None  # regression only
+    loss_mask_val: int = -100  # regression only
+    load_rm_head_weights: bool = False  # regression only
 
 
 @dataclass
@@ -94,6 +94,6 @@ class RewardModelConfig(ModelConfig):
 class RMRunConfig(RunConfig):
     """The whole of training_rm.yaml."""
 
-    name: str = "megatron_gpt_rm"
+    name: str = "megatron_gpt_rm"  # the run's name (NeMo's)
     trainer: RMTrainerConfig = field(default_factory=RMTrainerConfig)
     model: RewardModelConfig = field(default_factory=RewardModelConfig)

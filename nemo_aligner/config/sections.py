@@ -107,8 +107,8 @@ class TrainerConfig:
 # ---------------------------------------------------------------- exp_manager
 @dataclass
 class WandbKwargs:
-    project: Optional[str] = "nemo_aligner"
-    name: Optional[str] = None
+    project: Optional[str] = "nemo_aligner"  # W&B project
+    name: Optional[str] = None  # W&B run name; null = W&B's own
     mode: str = "offline"  # offline unless told otherwise (online needs an API key and network)
 
 
@@ -119,7 +119,7 @@ class CheckpointParams:
     mode: str = "min"  # min | max
     save_nemo_on_train_end: bool = True  # export the final model to <log_dir>/hf (Hugging Face; NeMo's .nemo); false = no export
     always_save_nemo: bool = False  # kept for NeMo command lines
-    save_hf_every_checkpoint: bool = False  # also export a Hugging Face folder with every checkpoint
+    save_hf_every_checkpoint: bool = False  # also export <checkpoint>/hf with every checkpoint (LoRA: the adapter folder)
     filename: Optional[str] = None  # kept for NeMo command lines
     model_parallel_size: Optional[int] = None  # kept for NeMo command lines
     save_best_model: bool = False  # kept for NeMo command lines
@@ -151,13 +151,13 @@ class ValSamplesConfig:
 class ExpManagerConfig:
     explicit_log_dir: Optional[str] = None  # all outputs go here
     exp_dir: Optional[str] = None  # used when explicit_log_dir is null: <exp_dir>/<name>
-    name: str = "run"
-    create_tensorboard_logger: bool = True
-    create_wandb_logger: bool = False
+    name: str = "run"  # the run's name (NeMo's exp_manager.name; logs only)
+    create_tensorboard_logger: bool = True  # write <log_dir>/tensorboard/
+    create_wandb_logger: bool = False  # log to Weights & Biases (needs the [wandb] extra)
     wandb_logger_kwargs: WandbKwargs = field(default_factory=WandbKwargs)
     resume_if_exists: bool = True  # continue from <log_dir>/checkpoints/latest when present
     resume_ignore_no_checkpoint: bool = True  # no checkpoint yet: start fresh instead of failing
-    create_checkpoint_callback: bool = True
+    create_checkpoint_callback: bool = True  # write resumable checkpoints under <log_dir>/checkpoints/
     checkpoint_callback_params: CheckpointParams = field(default_factory=CheckpointParams)
     progress_bar: bool = True  # tqdm progress bar (off in CI logs is fine too)
     val_samples: ValSamplesConfig = field(default_factory=ValSamplesConfig)  # generated replies at each validation
@@ -179,8 +179,12 @@ class TokenizerConfig:
 class DataConfig:
     """model.data options every task shares; a recipe's schema adds its own (row keys, rewards, ...)."""
 
-    data_impl: str = "jsonl"  # jsonl | parquet (read by file suffix either way); DPO also: packed_jsonl
-    # {train: [files], validation: [files], test: [files]} (test: evaluated once at the end); null = none
+    data_impl: str = "jsonl"  # jsonl | parquet: every source is read by its kind either way; DPO also: packed_jsonl
+    # {train: [paths], validation: [paths], test: [paths]} (test: evaluated once at the end); null = none. A path
+    # is a .jsonl / .jsonl.gz / .parquet / .arrow file, a Hugging Face save_to_disk folder (a DatasetDict's split
+    # is picked by name) or a folder of .parquet / .arrow shards (docs/data.md). NeMo's blend, weights and paths
+    # alternating, [0.7, a.jsonl, 0.3, b.jsonl]: weights normalised, the blend as long as its sources together,
+    # each source sampled to its share (a short one repeated), seeded by model.seed; any split may be blended
     data_prefix: Any = field(default_factory=lambda: {"train": None, "validation": None, "test": None})
     seq_length: Optional[int] = None  # max tokens per sequence (prompt + response); null = model.encoder_seq_length
     overlength: str = "truncate"  # truncate (cut the prompt from the left, then the response) | drop | error
@@ -211,7 +215,7 @@ class SchedConfig:
     # gets no cosine decay (lr drops to min_lr right after warmup): a warning prints the resulting lr curve;
     # set 0 for a cosine over the whole run
     constant_steps: int = 1000
-    min_lr: float = 9e-7
+    min_lr: float = 9e-7  # the lr the schedule decays to
     max_steps: Optional[int] = None  # decay horizon; null = the run's max steps
 
     def __post_init__(self):
@@ -222,9 +226,9 @@ class SchedConfig:
 class OptimConfig:
     name: str = "adamw"  # adamw (NeMo's distributed_fused_adam / fused_adam / adam map to AdamW)
     lr: float = 9e-6  # NeMo-Aligner's gpt_dpo.yaml (SFT: config/sft.py); may change on resume (logged)
-    weight_decay: float = 0.1
-    betas: list = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-8
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay (not on norms and biases)
+    betas: list = field(default_factory=lambda: [0.9, 0.98])  # AdamW's (beta1, beta2)
+    eps: float = 1e-8  # AdamW's epsilon
     sched: SchedConfig = field(default_factory=SchedConfig)
 
     def __post_init__(self):
@@ -254,6 +258,9 @@ class LoraConfig:
         _choice("model.peft.lora_tuning.row_init_method", self.row_init_method, INIT_METHODS)
 
 
+EXPORT_DTYPES = (None, "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+
+
 @dataclass
 class PeftConfig:
     """model.peft: LoRA adapters on a frozen base (nemo_aligner/models/lora.py)."""
@@ -274,39 +281,42 @@ class ModelConfig:
     # ---- batch and parallel layout
     micro_batch_size: int = 1  # items (examples, or packs with packed data) per forward/backward
     global_batch_size: int = 64  # items per optimiser step (accumulation fills the difference)
-    seed: int = 1234
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
+    seed: int = 1234  # seeds data order, initialisation, adapters and sampling
+    tensor_model_parallel_size: int = 1  # ranks one layer is split over (DTensor tensor parallel)
+    pipeline_model_parallel_size: int = 1  # pipeline stages the layers are split into
     pipeline_layer_split: Optional[list] = None  # transformer layers per pipeline stage, e.g. [6, 10]; null = even split
     pipeline_schedule: str = "1f1b"  # 1f1b | gpipe (micro-batches per step = global / (micro x data-parallel))
+    # dtype of the exported hf/ weights: fp32 | bf16 | fp16; null = the checkpoint's own (config.json's
+    # torch_dtype), fp32 for a model built from scratch. Training always keeps fp32 master weights.
+    export_dtype: Optional[str] = None
     # max tokens per sequence (also the pack size with packed data); capped at the checkpoint's
     # max_position_embeddings (logged) unless model.data.seq_length says otherwise
     encoder_seq_length: int = 4096
     # ---- architecture, used when pretrained_checkpoint.restore_from_path is null (Megatron key names;
     # the defaults are GPTConfig's, tests/test_config.py checks that every GPTConfig field is here or derived)
     num_layers: int = 2
-    hidden_size: int = 64
-    ffn_hidden_size: int = 256
-    num_attention_heads: int = 4
+    hidden_size: int = 64  # model width
+    ffn_hidden_size: int = 256  # MLP inner width
+    num_attention_heads: int = 4  # query heads
     num_query_groups: Optional[int] = None  # key/value heads (GQA); null = num_attention_heads
     kv_channels: Optional[int] = None  # head dim; null = hidden_size / num_attention_heads
     normalization: str = "rmsnorm"  # rmsnorm | layernorm
-    layernorm_epsilon: float = 1e-5
+    layernorm_epsilon: float = 1e-5  # epsilon of every norm
     activation: str = "swiglu"  # swiglu | geglu | reglu | gelu | gelu_tanh | relu | squared-relu | silu
     position_embedding_type: str = "rope"  # rope | learned_absolute
-    rotary_base: float = 10000.0
+    rotary_base: float = 10000.0  # RoPE theta
     rope_scaling: str = "none"  # none | linear | llama3 | longrope
     rope_scaling_factor: float = 1.0  # linear, llama3, longrope (context extension ratio)
     rope_low_freq_factor: float = 1.0  # llama3 rope scaling only
     rope_high_freq_factor: float = 4.0  # llama3 rope scaling only
     rope_original_max_position_embeddings: int = 8192  # llama3, longrope: the pre-training context length
-    max_position_embeddings: int = 2048
-    add_qkv_bias: bool = False
+    max_position_embeddings: int = 2048  # longest sequence the positions cover
+    add_qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
     add_bias_linear: bool = False  # attention output and MLP biases
-    share_embeddings_and_output_weights: bool = False
+    share_embeddings_and_output_weights: bool = False  # tie the output projection to the embedding
     sliding_window: Optional[int] = None  # local attention window (tokens) of the "sliding" layers; null = full attention
     vocab_size: Optional[int] = None  # null = the tokenizer's vocabulary size
-    init_method_std: float = 0.02
+    init_method_std: float = 0.02  # std of the normal init of a from-scratch model
     layer_types: Optional[list] = None  # per layer "sliding" | "full"; null = every layer slides iff sliding_window is set
     qk_norm: str = "none"  # none | head (RMSNorm per q/k head before RoPE: Qwen3, Gemma 3) | full (whole projection: OLMo 2)
     norm_placement: str = "pre"  # pre (Llama) | sandwich (also after attention and MLP: Gemma 2/3) | post (OLMo 2)
@@ -339,6 +349,7 @@ class ModelConfig:
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key}={getattr(self, key)}; expected a positive integer")
         _choice("model.pipeline_schedule", self.pipeline_schedule, ("1f1b", "gpipe"))
+        _choice("model.export_dtype", self.export_dtype, EXPORT_DTYPES)
         if self.activations_checkpoint_granularity not in (None, "full", "selective"):
             raise ValueError(f"model.activations_checkpoint_granularity={self.activations_checkpoint_granularity!r}; "
                              "expected null, full or selective")

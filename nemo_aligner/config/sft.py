@@ -1,4 +1,4 @@
-"""The SFT run config (examples/nlp/gpt/conf/gpt_sft.yaml): the shared sections plus trainer.sft,
+"""The SFT run config (nemo_aligner/conf/gpt_sft.yaml): the shared sections plus trainer.sft,
 the SFT data section and model.sft, with NeMo-Aligner's key names.
 
 Where SFT's real defaults differ from DPO's they are NeMo-Aligner's gpt_sft.yaml values: lr 3e-5,
@@ -88,6 +88,6 @@ class SFTModelConfig(ModelConfig):
 class SFTRunConfig(RunConfig):
     """The whole of gpt_sft.yaml."""
 
-    name: str = "megatron_gpt_sft"
+    name: str = "megatron_gpt_sft"  # the run's name (NeMo's)
     trainer: SFTTrainerConfig = field(default_factory=SFTTrainerConfig)
     model: SFTModelConfig = field(default_factory=SFTModelConfig)

@@ -95,10 +95,6 @@ PLAIN = (
     "{% endfor %}"
 )
 
-# The message roles the built-in templates (and the chat templates of the model families we load) are written
-# for; a row with another role is refused naming it, rather than rendered as, e.g., <|im_start|>wizard.
-ROLES = ("system", "user", "assistant")
-
 BUILTIN_TEMPLATES: dict[str, str] = {
     "chatml": CHATML,
     "llama3": LLAMA3,

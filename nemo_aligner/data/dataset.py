@@ -19,8 +19,10 @@ from typing import Callable
 
 import numpy as np
 
+from nemo_aligner.data.blend import blend_order
 from nemo_aligner.data.report import RowReport
-from nemo_aligner.data.rows import DataError, read_rows
+from nemo_aligner.data.rows import BlendFiles, DataError, read_rows
+from nemo_aligner.data.sources import source_files
 
 OVERLENGTH_POLICIES = ("truncate", "drop", "error")
 
@@ -77,17 +79,20 @@ class TokenizedDataset:
     @classmethod
     def read(cls, files, parse_row: Callable, tokenize: Callable, name: str,
              read_file: Callable = read_rows) -> tuple[list, RowReport, np.ndarray]:
-        """(examples, report, source rows): every row of `files` parsed (`parse_row(row, "file:line")`) and
-        tokenised (`tokenize(example)`, None = dropped by the over-length policy). read_file(file, key) yields
-        (line number, row); a format whose example spans several lines yields one merged row per example."""
-        files = [str(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
+        """(examples, report, source rows): every row of `files` parsed (`parse_row(row, location)`, the location
+        "file:line" or "file:row N") and tokenised (`tokenize(example)`, None = dropped by the over-length policy).
+        read_file(path, key) yields (location, row); a format whose example spans several rows yields one merged
+        row per example. A BlendFiles (weights in model.data.data_prefix) is then blended (`data.blend`): the
+        examples are its seeded draw, and the report holds each source's share."""
+        files = _as_files(files)
         if not files:
             raise DataError(f"{name}: no data files given (model.data.data_prefix)")
         report = RowReport(files=files, unit=cls.unit)
-        examples, source_rows = [], []
+        examples, source_rows, sizes, num_rows = [], [], [], []
         for file in files:
-            for line_no, row in read_file(file, name):
-                example = parse_row(row, f"{file}:{line_no}")
+            first_example, first_row = len(examples), report.num_rows
+            for where, row in read_file(file, name):
+                example = parse_row(row, where)
                 report.add_row(example.shape)
                 tokenized = tokenize(example)
                 if tokenized is None:
@@ -96,16 +101,34 @@ class TokenizedDataset:
                 report.add_kept(example.source, tokenized.num_tokens, tokenized.num_labels, tokenized.truncated)
                 examples.append(tokenized)
                 source_rows.append(report.num_rows - 1)
+            sizes.append(len(examples) - first_example)
+            num_rows.append(report.num_rows - first_row)
         if not examples:
             raise DataError(f"{name}: no usable {cls.unit} in {files} ({report.num_dropped} dropped as over-length)")
-        return examples, report, np.asarray(source_rows, dtype=np.int64)
+        source_rows = np.asarray(source_rows, dtype=np.int64)
+        if isinstance(files, BlendFiles):
+            order, report.blend = blend_order(sizes, files.weights, files.seed, files, num_rows, name)
+            report.blend_seed = files.seed
+            examples, source_rows = [examples[i] for i in order], source_rows[order]
+        return examples, report, source_rows
+
+
+def _as_files(files) -> list[str]:
+    """The paths as strings; a BlendFiles keeps its weights and seed."""
+    if isinstance(files, BlendFiles):
+        return BlendFiles(files, files.weights, files.seed)
+    return [str(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
 
 
 _FILE_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime) -> sha256: each file is read once per process
 
 
 def file_digest(path) -> str:
-    """sha256 of one file's bytes (remembered for the process, keyed by path, size and modification time)."""
+    """sha256 of one data path's bytes (a folder: its shards' names and bytes, in reading order); remembered for
+    the process, keyed by path, size and modification time."""
+    if Path(path).is_dir():
+        shards = source_files(path)
+        return hashlib.sha256("\n".join(f"{s.name} {file_digest(s)}" for s in shards).encode()).hexdigest()
     stat = os.stat(path)
     key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _FILE_DIGESTS:
@@ -118,8 +141,10 @@ def file_digest(path) -> str:
 
 
 def files_digest(files) -> str:
-    """sha256 of the files' contents, in order (what a run's checkpoint records as its data)."""
-    return hashlib.sha256("\n".join(file_digest(f) for f in files).encode()).hexdigest()
+    """sha256 of the files' contents, in order, and of a blend's weights and seed (what a run's checkpoint records
+    as its data)."""
+    blend = f"\nblend {files.key()!r}" if isinstance(files, BlendFiles) else ""
+    return hashlib.sha256(("\n".join(file_digest(f) for f in files) + blend).encode()).hexdigest()
 
 
 def fingerprint_files(files, *parts) -> str:

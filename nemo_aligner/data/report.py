@@ -2,7 +2,8 @@
 
 Every row is counted: kept as it was, kept truncated, or dropped by the over-length policy
 (`model.data.overlength`); the first few truncated and dropped rows are named by file:line. Nothing
-is skipped silently.
+is skipped silently. A blended split (weights in `model.data.data_prefix`) adds one line per source:
+rows read, share requested and obtained, examples used (`data.blend`).
 """
 
 from collections import Counter
@@ -24,6 +25,8 @@ class RowReport:
     shapes: Counter = field(default_factory=Counter)  # row shape -> rows (which formats were found)
     truncated_sources: list[str] = field(default_factory=list)  # first few "file:line"
     dropped_sources: list[str] = field(default_factory=list)
+    blend: list = field(default_factory=list)  # data.blend.SourceShare per source of a weighted split
+    blend_seed: int | None = None
 
     def add_row(self, shape: str) -> None:
         self.num_rows += 1
@@ -50,6 +53,11 @@ class RowReport:
         for what, sources in (("truncated", self.truncated_sources), ("dropped", self.dropped_sources)):
             if sources:
                 text += f"\n  {what}: {', '.join(sources)}{' ...' if len(sources) == NAMED_SOURCES else ''}"
+        if self.blend:
+            used = sum(share.num_used for share in self.blend)
+            text += (f"\n  blend of {len(self.blend)} sources (model.data.data_prefix weights, seed {self.blend_seed}): "
+                     f"{used} {self.unit}, as many as the sources hold together")
+            text += "".join(f"\n{share.line(self.unit)}" for share in self.blend)
         return text
 
     def metrics(self) -> dict:

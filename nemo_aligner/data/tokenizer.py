@@ -33,6 +33,7 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from nemo_aligner.data.chat_templates import BUILTIN_TEMPLATES, describe_template, get_template
+from nemo_aligner.data.messages import uses_tools
 
 logger = logging.getLogger(__name__)
 
@@ -379,8 +380,14 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: list[dict], *, add_generation_prompt: bool = False, template: str | None = None
     ) -> str:
-        """Render ``messages`` with ``template``: None (the tokenizer's own), a built-in name, or jinja."""
+        """Render ``messages`` with ``template``: None (the tokenizer's own), a built-in name, or jinja. Messages
+        with ``tool_calls`` or the ``tool`` role need a template that renders them (it names them)."""
         text = self._template_text(template)
+        calls, tool_role = uses_tools(messages)
+        if (calls and "tool_calls" not in text) or (tool_role and "tool" not in text):
+            raise ValueError(f"{describe_template(template)} does not render "
+                             f"{'tool calls (tool_calls)' if calls and 'tool_calls' not in text else 'the tool role'}; "
+                             "use the model's own chat template (one written for tool use) or drop those messages")
         try:
             return _compile(text).render(
                 messages=messages,

@@ -18,10 +18,10 @@ from nemo_aligner.data.rows import DataError, read_rows
 
 
 def read_prompt_rows(path, prompt_key: str = "prompt") -> list[tuple[str, dict]]:
-    """[(file:line, row)] of a prompts file; a row without `prompt_key` stops here, naming file and line."""
+    """[(file:line, row)] of a prompts file (any data path: data.sources); a row without `prompt_key` stops here,
+    naming file and line."""
     rows = []
-    for line_no, row in read_rows(path):
-        where = f"{path}:{line_no}"
+    for where, row in read_rows(path):
         if prompt_key not in row:
             raise DataError(f"{where}: missing key {prompt_key!r} (generation.prompt_key); row has {sorted(row)}")
         rows.append((where, row))

@@ -94,10 +94,11 @@ def _owner(name: str, stage_layers: list[range]) -> int:
 
 
 def export_model(parallel, stage_model, path, tokenizer=None, model_type: str | None = None, dtype=None,
-                 max_shard_size_bytes: int = 5 * 2**30) -> Path:
+                 max_shard_size_bytes: int = 5 * 2**30, source=None) -> Path:
     """Collective: every rank calls it with its stage's GPTModel (the pruned, sharded one; in one process,
     the model). Rank 0 writes `path` atomically (temporary folder renamed into place); all ranks return
-    when it is complete. With LoRA this writes the base weights."""
+    when it is complete. With LoRA this writes the base weights. dtype: of the written weights (default the
+    parameters'); source: the checkpoint folder whose generation_config.json is carried over."""
     path = Path(path)
     config = stage_model.config
     model_type = model_type or getattr(stage_model, "hf_model_type", None) or infer_model_type(config)
@@ -137,9 +138,33 @@ def export_model(parallel, stage_model, path, tokenizer=None, model_type: str | 
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
+        carry_files(tmp, source, tokenizer)
         finish_atomic_dir(tmp, path)
     _barrier()
     return path
+
+
+# files of a Hugging Face folder that the export carries over as they are: the generation defaults, and the
+# tokenizer's files besides the two Tokenizer.save writes (tokenizer.json / tokenizer.model and its config)
+GENERATION_FILES = ("generation_config.json",)
+TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
+                   "tokenizer.model", "spiece.model")
+
+
+def carry_files(folder: Path, source, tokenizer) -> None:
+    """Copy generation_config.json from the checkpoint folder (`source`) and the tokenizer's other files from
+    its folder into the export `folder`, never over a file the export wrote."""
+    import shutil
+
+    pairs = []
+    if source is not None and Path(source).is_dir():
+        pairs += [(Path(source), name) for name in GENERATION_FILES]
+    tok_dir = Path(getattr(tokenizer, "name_or_path", "") or "")
+    if tokenizer is not None and tok_dir.is_dir():
+        pairs += [(tok_dir, name) for name in TOKENIZER_FILES]
+    for src, name in pairs:
+        if (src / name).is_file() and not (folder / name).exists():
+            shutil.copyfile(src / name, folder / name)
 
 
 def _barrier():
@@ -193,18 +218,23 @@ def gather_adapters(parallel, stage_model) -> tuple[dict, dict] | None:
     return all_tensors, all_specs
 
 
-def export_hf(parallel, model, path, tokenizer, peft_cfg, base_model_name_or_path: str | None) -> Path:
-    """The run's final Hugging Face output (collective): the model, or (LoRA) the PEFT adapter folder or,
-    with model.peft.merge_on_export, the merged model. `model` is this rank's GPTModel (its pipeline stage,
-    sharded). An adapter folder needs its base: a run built from scratch also writes it to `<path>_base`."""
+def export_hf(parallel, model, path, tokenizer, peft_cfg, base_model_name_or_path: str | None, dtype=None,
+              final: bool = True) -> Path:
+    """The run's Hugging Face output (collective): the model, or (LoRA) the PEFT adapter folder or, with
+    model.peft.merge_on_export, the merged model. `model` is this rank's GPTModel (its pipeline stage,
+    sharded). An adapter folder needs its base: a run built from scratch also writes it to `<path>_base`.
+    dtype: of the written weights (null: the parameters'); generation_config.json and the tokenizer's files
+    come along from the checkpoint folder. final=False (an export during training) never merges adapters
+    into the weights being trained: it writes the adapter folder."""
     path = Path(path)
+    source = base_model_name_or_path
     if not lora_modules(model):
-        return export_model(parallel, model, path, tokenizer)
-    if peft_cfg.merge_on_export:
+        return export_model(parallel, model, path, tokenizer, dtype=dtype, source=source)
+    if peft_cfg.merge_on_export and final:
         merge_adapters_(model)  # the end of the run: fold adapters into the (sharded) base, export that
-        return export_model(parallel, model, path, tokenizer)
+        return export_model(parallel, model, path, tokenizer, dtype=dtype, source=source)
     if base_model_name_or_path is None:
-        base = export_model(parallel, model, path.with_name(path.name + "_base"), tokenizer)
+        base = export_model(parallel, model, path.with_name(path.name + "_base"), tokenizer, dtype=dtype)
         base_model_name_or_path = str(Path(base).resolve())
         log.info("LoRA base model (built from scratch) written to %s", base)
     gathered = gather_adapters(parallel, model)

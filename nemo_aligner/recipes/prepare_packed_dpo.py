@@ -30,7 +30,7 @@ from nemo_aligner.data.preference.packed_file import check_pack_size, packed_fil
 from nemo_aligner.data.rows import split_files
 from nemo_aligner.recipes.skeleton import load_tokenizer, user_errors_exit
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "nlp" / "gpt" / "conf" / "gpt_dpo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "gpt_dpo.yaml"
 SPLITS = ("train", "validation", "test")
 TOKENIZER_TYPES = ("auto", "huggingface", "sentencepiece")
 
@@ -121,17 +121,18 @@ def _config_file(argv: list[str]) -> tuple[Path, list[str]]:
     return file, rest
 
 
-def files_by_split(data_prefix) -> dict[str, list[str]]:
-    """model.data.data_prefix as a file, a list of files, or {train: [...], validation: [...], test: [...]}."""
+def files_by_split(data_prefix, seed: int | None = None) -> dict[str, list[str]]:
+    """model.data.data_prefix as a file, a list of files, or {train: [...], validation: [...], test: [...]}; a
+    weighted list is blended with `seed` (model.seed) before packing."""
     if isinstance(data_prefix, str):
         return {"train": [data_prefix]}
     if isinstance(data_prefix, (list, tuple)):
-        return {"train": split_files({"train": list(data_prefix)}, "train")}
+        return {"train": split_files({"train": list(data_prefix)}, "train", seed)}
     if isinstance(data_prefix, dict):
         unknown = sorted(set(data_prefix) - set(SPLITS))
         if unknown:
             raise ConfigError(f"model.data.data_prefix has unknown splits {unknown}; expected {list(SPLITS)}")
-        splits = {split: split_files(data_prefix, split) for split in SPLITS}
+        splits = {split: split_files(data_prefix, split, seed) for split in SPLITS}
         return {split: files for split, files in splits.items() if files}
     raise ConfigError(f"model.data.data_prefix={data_prefix!r}; expected a file, a list of files or "
                       "{train: [...], validation: [...]}")
@@ -139,7 +140,7 @@ def files_by_split(data_prefix) -> dict[str, list[str]]:
 
 def prepare_packed_dpo(cfg: DPORunConfig, args: PackingArgs, out=print) -> dict:
     """Tokenise each split once, pack it at every pack size, write the files; returns the stats per file."""
-    splits = files_by_split(cfg.model.data.data_prefix)
+    splits = files_by_split(cfg.model.data.data_prefix, cfg.model.seed)
     if not splits:
         raise ConfigError("model.data.data_prefix lists no files")
     tokenizer = load_tokenizer(cfg.model, cfg.pretrained_checkpoint.restore_from_path)

@@ -43,7 +43,7 @@ from nemo_aligner.data.tokenizer import Tokenizer
 from nemo_aligner.generation.validation import validation_samples
 from nemo_aligner.models.compile import compile_blocks
 from nemo_aligner.models.gpt import GPTConfig, GPTModel
-from nemo_aligner.models.hf import config_from_pretrained, load_pretrained
+from nemo_aligner.models.hf import checkpoint_dtype, config_from_pretrained, load_pretrained
 from nemo_aligner.models.hf.common import check_weight_files, folder_fingerprint
 from nemo_aligner.models.hf.peft import setup_peft
 from nemo_aligner.models.score import CAUSAL_LM, model_class
@@ -72,7 +72,7 @@ NOT_TOKENISATION = ("data_prefix", "data_impl", "num_workers", "shuffle", "packi
 NOT_LOSS = ("chunk_size",)
 ADAPTER_SHAPE = ("target_modules", "adapter_dim", "alpha")
 SPLITS = ("train", "validation", "test")
-DEMO_TOKENIZER = Path(__file__).resolve().parents[2] / "examples" / "demo" / "tokenizer"
+DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "demo" / "tokenizer"  # ships in the wheel
 # GPTConfig fields that are not model.* keys of the same name, and where they come from
 DERIVED_GPT_FIELDS = {
     "activations_checkpointing": "model.activations_checkpoint_granularity is not null",
@@ -164,9 +164,9 @@ def check_run(start: RunStart, model, algorithm, layouts) -> None:
 def used_splits(cfg, loop_cfg) -> dict[str, list[str]]:
     """split -> files of model.data.data_prefix for the splits this run uses: train; validation unless
     trainer.<algorithm>.limit_val_batches=0 (no work for a split nobody evaluates); test when given (evaluated
-    once at the end)."""
+    once at the end). A split given with weights is a data.rows.BlendFiles drawn with model.seed."""
     prefix = cfg.model.data.data_prefix
-    files = {split: split_files(prefix, split) if prefix is not None else [] for split in SPLITS}
+    files = {split: split_files(prefix, split, cfg.model.seed) if prefix is not None else [] for split in SPLITS}
     if loop_cfg.limit_val_batches == 0:
         files["validation"] = []
     return files
@@ -214,7 +214,8 @@ def train(start: RunStart, run, algorithm, train_data, val_data, loop_cfg, token
                       train_data=train_data, val_data=val_data, loop=loop_cfg, plan=plan, logger=logger,
                       progress=progress, checkpointer=checkpointer, monitor=params.monitor,
                       data_metrics=data_metrics(train_data), stop=stop, identity=start.identity,
-                      run_config=flat_config(cfg), test_data=test_data, after_validation=samples)
+                      run_config=flat_config(cfg), test_data=test_data, after_validation=samples,
+                      after_save=hf_every_checkpoint(start, run, tokenizer))
     if resume.checkpoint is not None:
         trainer.resume(resume.checkpoint)
     log.info("training: %d steps (%d per epoch), global batch %d %s, micro batch %d, loss per %s, log dir %s",
@@ -251,10 +252,35 @@ def export(start: RunStart, run, tokenizer, step: int) -> Path | None:
             mark_finished(start.log_dir, step, None)
         return None
     hf_dir = export_hf(start.parallel, run.model, start.log_dir / "hf", tokenizer or start.tokenizer,
-                       start.cfg.model.peft, start.restore)
+                       start.cfg.model.peft, start.restore, dtype=export_dtype(start.cfg.model, start.restore))
     if start.parallel.is_rank_zero:
         mark_finished(start.log_dir, step, hf_dir)
     return hf_dir
+
+
+def hf_every_checkpoint(start: RunStart, run, tokenizer):
+    """exp_manager.checkpoint_callback_params.save_hf_every_checkpoint: after_save(step, checkpoint) writing
+    `<checkpoint>/hf` (pruned with its checkpoint; LoRA: the adapter folder, never merged mid-run); else None."""
+    if not start.cfg.exp_manager.checkpoint_callback_params.save_hf_every_checkpoint:
+        return None
+
+    def after_save(step: int, checkpoint: Path) -> None:
+        export_hf(start.parallel, run.model, Path(checkpoint) / "hf", tokenizer or start.tokenizer,
+                  start.cfg.model.peft, start.restore, dtype=export_dtype(start.cfg.model, start.restore), final=False)
+        log.info("step %d: hf export %s", step, Path(checkpoint) / "hf")
+
+    return after_save
+
+
+def export_dtype(model_cfg, restore) -> str:
+    """model.export_dtype, else the checkpoint's own dtype (config.json's torch_dtype / dtype), else fp32."""
+    if model_cfg.export_dtype is not None:
+        return model_cfg.export_dtype
+    if restore:
+        saved = checkpoint_dtype(restore)
+        if saved is not None:
+            return saved
+    return "fp32"
 
 
 def stopped(start: RunStart, result: dict) -> dict:
@@ -487,13 +513,13 @@ def run_identity(start: RunStart, model, algorithm, train_layout) -> dict:
             if dataclasses.is_dataclass(settings) else {})
     template = getattr(start.tokenizer, "chat_template", None)
     data_keys = {k: v for k, v in dataclasses.asdict(cfg.model.data).items() if k not in NOT_TOKENISATION}
-    files = [str(f) for f in train_layout.dataset.report.files]
+    files = [str(f) for f in train_layout.dataset.report.files]  # the digest below also covers blend weights
     return {
         "model": {"weights": folder_fingerprint(start.restore) if start.restore else "built from model.*",
                   "adapters": folder_fingerprint(peft.restore_from_path) if lora and peft.restore_from_path else None},
         "architecture": {**{k: v for k, v in model.config.to_dict().items() if k not in NOT_ARCHITECTURE},
                          "adapters": adapters},
-        "data": {"train": files_digest(files)},
+        "data": {"train": files_digest(train_layout.dataset.report.files)},
         "tokenisation": {"tokenizer": start.tokenizer.fingerprint(), "seq_length": cfg.model.seq_length,
                          "chat_template": hashlib.sha256(template.encode()).hexdigest() if template else None,
                          **data_keys},

@@ -157,6 +157,19 @@ class Checkpointer:
         torch.set_rng_state(state["rng"])
         return saved
 
+    @staticmethod
+    def load_weights(path: Path, model) -> dict:
+        """The model weights of a checkpoint only (no optimiser, no RNG), into a model of any layout (DCP reshards
+        on load): for exporting a checkpoint. Returns its trainer state."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        options = _state_options(model)
+        model_sd = get_model_state_dict(model, options=options)
+        with _single_process_quiet():
+            dcp.load({"model": model_sd}, checkpoint_id=str(path))
+        set_model_state_dict(model, model_sd, options=options)
+        return read_state(path)
+
     def _prune(self):
         """Keep the latest checkpoint, the newest finite one (for resume) and the `save_top_k` best by the
         monitored metric. Temporary folders of interrupted saves go."""

@@ -104,13 +104,14 @@ class Trainer:
     def __init__(self, *, model, algorithm, optimizer, scheduler, run, train_data, val_data, loop, plan: TrainingPlan,
                  logger, progress=None, checkpointer=None, monitor: str = "val_loss", data_metrics: dict | None = None,
                  stop: StopWatch | None = None, identity: dict | None = None, run_config: dict | None = None,
-                 test_data=None, after_validation=None):
+                 test_data=None, after_validation=None, after_save=None):
         """model: this rank's GPTModel (parameters, train/eval, checkpoints); run: a ParallelRun (executor,
         data-parallel group, gradient completion and clipping); loop: trainer.<algorithm> (clipping, save and validation
         limits); train_data / val_data / test_data: DataLayouts (test: evaluated whole at the last step); stop:
         signals and max_time (training.signals); identity / run_config: what made the run and its flattened
         config, stored with every checkpoint (training.run_dir); after_validation(step): called after every
-        validation (exp_manager.val_samples: generated replies)."""
+        validation (exp_manager.val_samples: generated replies); after_save(step, checkpoint path): called on every
+        rank after every checkpoint (exp_manager.checkpoint_callback_params.save_hf_every_checkpoint)."""
         self.model, self.algorithm, self.optimizer, self.scheduler = model, algorithm, optimizer, scheduler
         self.run, self.executor, self.dp = run, run.executor, run.dp
         self.executor.algorithm = algorithm
@@ -119,7 +120,7 @@ class Trainer:
         self.sampler, self.max_steps, self.val_every = plan.sampler, plan.max_steps, plan.val_every
         self.micro_batch_size, self.monitor = plan.micro_batch_size, monitor
         self.data_metrics = data_metrics or {}
-        self.after_validation = after_validation
+        self.after_validation, self.after_save = after_validation, after_save
         self.stop = stop or StopWatch()
         self.identity, self.run_config = identity, run_config
         # the optimiser's hyperparameters as configured: a resume loads the checkpoint's and puts these back,
@@ -336,6 +337,8 @@ class Trainer:
             "monitor_value": None if value is None or math.isnan(value) else value, "best": self.state.best,
             "finite": True, "identity": self.identity, "config": self.run_config,
         })
+        if self.after_save is not None:
+            self.after_save(self.state.step, path)
         self.stop.note_save(time.perf_counter() - t0)
         self.last_saved = str(path)
 

@@ -1,7 +1,7 @@
 """Generate completions from a model: a Hugging Face folder, a PEFT adapter folder or a training run's log dir.
 
     python examples/nlp/gpt/generate.py pretrained_checkpoint.restore_from_path=results/sft_demo \\
-        generation.input_file=examples/demo/data/prompts.jsonl generation.output_file=results/generate/out.jsonl
+        generation.input_file=nemo_aligner/demo/data/prompts.jsonl generation.output_file=results/generate/out.jsonl
     python examples/nlp/gpt/generate.py pretrained_checkpoint.restore_from_path=/models/Qwen2.5-0.5B-Instruct \\
         generation.input_file=prompts.jsonl generation.output_file=out.jsonl generation.temperature=0.7 \\
         generation.num_samples=4 generation.max_new_tokens=512 "generation.stop=['\\n\\n']"
@@ -9,24 +9,12 @@
 
 Rows of the input file: `prompt` = a string (used verbatim) or a list of {role, content} messages (the chat
 template with the generation prompt, as in training); other columns are copied to the output. Config:
-conf/generate.yaml (every key documented in nemo_aligner/config/generate.py).
+nemo_aligner/conf/generate.yaml (every key documented in nemo_aligner/config/generate.py).
+
+The same command as `nemo-aligner generate`; `--help` lists every key with its default and meaning.
 """
 
-import hydra
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
-
-from nemo_aligner.config.generate import GenerateRunConfig
-from nemo_aligner.recipes.generate import run_generate
-from nemo_aligner.recipes.skeleton import main_entry
-
-ConfigStore.instance().store(name="generate_schema", node=GenerateRunConfig)
-
-
-@hydra.main(config_path="conf", config_name="generate", version_base="1.3")
-def main(raw: DictConfig) -> None:
-    main_entry(raw, GenerateRunConfig, run_generate)  # one-line user errors (exit 1), as the training scripts
-
+from nemo_aligner.cli import run_command
 
 if __name__ == "__main__":
-    main()
+    run_command("generate")  # the same as `nemo-aligner generate ...` (nemo_aligner/cli.py)

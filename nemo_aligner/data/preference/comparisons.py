@@ -24,17 +24,18 @@ from nemo_aligner.data.preference.rows import (
     preference_from_row,
 )
 from nemo_aligner.data.rows import DataError, read_rows
+from nemo_aligner.data.sources import span
 
 TEXT = "text"
-COMPARISON = "__comparison__"  # the merged row of one comparison pair: (chosen text, rejected text, lines)
+COMPARISON = "__comparison__"  # the merged row of one comparison pair: (chosen text, rejected text, "file:3-4")
 
 
 def is_comparison_row(row: dict) -> bool:
     return TEXT in row and not any(key in row for key in CHOSEN_KEYS + REJECTED_KEYS)
 
 
-def read_reward_rows(path, key: str = "model.data.data_prefix") -> Iterator[tuple[int, dict]]:
-    """(line, row) of a preference file; a comparison file yields one merged row per pair of lines."""
+def read_reward_rows(path, key: str = "model.data.data_prefix") -> Iterator[tuple[str, dict]]:
+    """(location, row) of a preference file; a comparison file yields one merged row per pair of lines."""
     rows = read_rows(path, key)
     first = next(rows, None)
     if first is None:
@@ -46,31 +47,38 @@ def read_reward_rows(path, key: str = "model.data.data_prefix") -> Iterator[tupl
         yield from rows
 
 
-def _comparison_pairs(path, rows) -> Iterator[tuple[int, dict]]:
+def _comparison_pairs(path, rows) -> Iterator[tuple[str, dict]]:
     pending, count = None, 0
-    for line_no, row in rows:
+    for where, row in rows:
         count += 1
         text = row.get(TEXT)
         if TEXT not in row:
-            raise DataError(f"{path}:{line_no}: missing key 'text'; a comparison file (its first line has 'text') "
+            raise DataError(f"{where}: missing key 'text'; a comparison file (its first line has 'text') "
                             f"holds {{\"text\": prompt + response}} on every line; row has {sorted(row)}")
         if not isinstance(text, str):
-            raise DataError(f"{path}:{line_no}: 'text' must be a string, got {type(text).__name__}")
+            raise DataError(f"{where}: 'text' must be a string, got {type(text).__name__}")
         if pending is None:
-            pending = (line_no, text)
+            pending = (where, text)
             continue
-        yield pending[0], {COMPARISON: (pending[1], text, (pending[0], line_no))}
+        yield pending[0], {COMPARISON: (pending[1], text, span(pending[0], where))}
         pending = None
     if pending is not None:
-        raise DataError(f"{path}: {count} lines, an odd number, in a comparison file (a chosen line then its "
-                        f"rejected line per pair): line {pending[0]} has no rejected partner")
+        last = _line_or_row(pending[0])
+        raise DataError(f"{path}: {count} {last.split()[0]}s, an odd number, in a comparison file (a chosen line then "
+                        f"its rejected line per pair): {last} has no rejected partner")
+
+
+def _line_or_row(where: str) -> str:
+    """"line 3" of "a.jsonl:3", "row 3" of "a.parquet:row 3"."""
+    number = where.rpartition(":")[2]
+    return number if number.startswith("row") else f"line {number}"
 
 
 def reward_example(row: dict, where: str, columns: PreferenceColumns = PreferenceColumns(),
                    margin_key: str | None = "margin") -> PreferenceExample:
     """Any accepted row (or merged comparison pair) -> PreferenceExample, with its margin when it has one."""
     if COMPARISON in row:
-        return _comparison_example(*row[COMPARISON], where)
+        return _comparison_example(*row[COMPARISON])
     if "context" in row and "completions" in row:
         example = nemo_rl_example(row, where)
     else:
@@ -80,8 +88,7 @@ def reward_example(row: dict, where: str, columns: PreferenceColumns = Preferenc
     return example
 
 
-def _comparison_example(chosen: str, rejected: str, lines: tuple[int, int], where: str) -> PreferenceExample:
-    source = f"{where.rsplit(':', 1)[0]}:{lines[0]}-{lines[1]}"
+def _comparison_example(chosen: str, rejected: str, source: str) -> PreferenceExample:
     return PreferenceExample(prompt="", chosen=_check_response(chosen, "chosen", source),
                              rejected=_check_response(rejected, "rejected", source), shape="nemo_comparison",
                              source=source)

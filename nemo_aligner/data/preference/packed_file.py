@@ -246,6 +246,10 @@ def load_packed_dataset(files, *, tokenizer_fingerprint: str, max_pack_size: int
     `vocab_size`: the tokenizer's; a token id outside it (a corrupt or foreign file) is an error naming the
     file and the pair, at load time rather than as an IndexError inside the model.
     """
+    if getattr(files, "weights", None) is not None:  # a BlendFiles: packs hold whole examples already drawn
+        raise ValueError(f"{name}: blend weights with model.data.data_impl=packed_jsonl; blend when packing "
+                         "(prepare_packed_dpo_dataset.py reads the same weighted model.data.data_prefix) and list the "
+                         "packed file without weights")
     files = [str(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
     if not files:
         raise ValueError(f"{name}: no packed data files given (model.data.data_prefix)")

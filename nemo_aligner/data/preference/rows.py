@@ -13,7 +13,7 @@ Optional chosen_reward / rejected_reward on any shape.
 
 from dataclasses import dataclass
 
-from nemo_aligner.data.chat_templates import ROLES
+from nemo_aligner.data.messages import check_messages
 from nemo_aligner.data.rows import DataError, read_rows
 
 PROMPT_KEYS = ("prompt", "instruction")
@@ -110,14 +110,7 @@ def _split_implicit_prompt(chosen, rejected, where):
 
 
 def _check_messages(messages, what, where):
-    for k, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{where}: {what}[{k}] must be an object with 'role' and 'content'")
-        if not isinstance(m["content"], str):
-            raise DataError(f"{where}: {what}[{k}].content must be a string")
-        if m["role"] not in ROLES:
-            raise DataError(f"{where}: {what}[{k}] has unknown role {m['role']!r}; the chat templates accept "
-                            f"{list(ROLES)}")
+    messages[:] = check_messages(messages, what, where)
 
 
 def _check_prompt(prompt, where):
@@ -154,4 +147,4 @@ def _reward(row, key, where):
 
 
 def read_preference_file(path, columns: PreferenceColumns = PreferenceColumns()) -> list[PreferenceExample]:
-    return [preference_from_row(row, f"{path}:{line_no}", columns) for line_no, row in read_rows(path)]
+    return [preference_from_row(row, where, columns) for where, row in read_rows(path)]

@@ -72,13 +72,19 @@ def render(example: PreferenceExample, tokenizer, template: str | None) -> tuple
                 raise DataError(f"{example.source}: prompt is a string but {what} is a list of messages; "
                                 "give both as strings or both as messages")
         return example.prompt, example.chosen, example.rejected
-    prompt_text = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, template=template)
+    try:
+        prompt_text = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, template=template)
+    except ValueError as err:
+        raise DataError(f"{example.source}: {err}") from None
     responses = []
     for what in ("chosen", "rejected"):
         response = getattr(example, what)
         if isinstance(response, str):  # TRL allows a string completion after a conversational prompt
             response = [{"role": "assistant", "content": response}]
-        full = tokenizer.apply_chat_template(example.prompt + response, template=template)
+        try:
+            full = tokenizer.apply_chat_template(example.prompt + response, template=template)
+        except ValueError as err:
+            raise DataError(f"{example.source}: {err}") from None
         if not full.startswith(prompt_text):
             raise DataError(f"{example.source}: the chat template renders prompt + {what} without the prompt as a "
                             "prefix; choose another model.data.chat_template")

@@ -18,7 +18,7 @@ Tokenisation (chat template, exact label mask, over-length policy): data.sft.tok
 
 from dataclasses import dataclass
 
-from nemo_aligner.data.chat_templates import ROLES
+from nemo_aligner.data.messages import check_messages
 from nemo_aligner.data.rows import DataError, read_rows
 
 NEMO_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
@@ -48,19 +48,7 @@ class SFTExample:
 
 
 def _check_messages(messages, what: str, where: str) -> list:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: {what} must be a non-empty list of {{role, content}} messages")
-    for k, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{where}: {what}[{k}] must be an object with 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise DataError(f"{where}: {what}[{k}] has unknown role {m['role']!r}; the chat templates accept "
-                            f"{list(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise DataError(f"{where}: {what}[{k}].content must be a string, got {type(m['content']).__name__}")
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise DataError(f"{where}: {what}[{k}] is an empty assistant response")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return check_messages(messages, what, where, allow_empty_assistant=False)
 
 
 def _chat(messages, trainable, shape, where) -> SFTExample:
@@ -170,4 +158,4 @@ def sft_example_from_row(row: dict, where: str, columns: SFTColumns = SFTColumns
 
 
 def read_sft_file(path, columns: SFTColumns = SFTColumns()) -> list[SFTExample]:
-    return [sft_example_from_row(row, f"{path}:{line_no}", columns) for line_no, row in read_rows(path)]
+    return [sft_example_from_row(row, where, columns) for where, row in read_rows(path)]

@@ -17,7 +17,7 @@ import torch
 
 from nemo_aligner.models.gpt import GPTConfig, GPTModel
 from nemo_aligner.models.hf.common import (
-    DTYPE_NAMES, atomic_dir, finish_atomic_dir, read_config, read_tensors, resolve_dtype, weight_files,
+    DTYPE_NAMES, DTYPES, atomic_dir, finish_atomic_dir, read_config, read_tensors, resolve_dtype, weight_files,
     write_safetensors,
 )
 from nemo_aligner.models.hf.gemma2 import Gemma2Family
@@ -152,6 +152,26 @@ def infer_model_type(config: GPTConfig) -> str:
     if config.sliding_window is not None:
         return "mistral"
     return "llama"
+
+
+def checkpoint_dtype(path) -> str | None:
+    """The dtype a Hugging Face folder's weights are stored in, from config.json (`torch_dtype`, or transformers 5's
+    `dtype`); a PEFT adapter folder answers for its base when that is a local folder; None when unknown."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        base = _adapter_base(path)
+        return checkpoint_dtype(base) if base is not None else None
+    config = read_config(path)
+    name = config.get("torch_dtype") or config.get("dtype")
+    return name if isinstance(name, str) and name in DTYPES else None
+
+
+def _adapter_base(path: Path) -> Path | None:
+    adapter = path / "adapter_config.json"
+    if not adapter.is_file():
+        return None
+    base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+    return Path(base) if base and Path(base).is_dir() else None
 
 
 def hf_config_dict(model: GPTModel, model_type: str, dtype: torch.dtype, tokenizer=None) -> dict:

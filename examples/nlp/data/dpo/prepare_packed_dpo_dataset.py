@@ -15,7 +15,7 @@ Train with model.data.data_impl=packed_jsonl model.encoder_seq_length=<pack_size
 pointing at the files. Keys: nemo_aligner/recipes/prepare_packed_dpo.py; base config: gpt_dpo.yaml.
 """
 
-from nemo_aligner.recipes.prepare_packed_dpo import main
+from nemo_aligner.cli import run_command
 
 if __name__ == "__main__":
-    main()
+    run_command("pack")  # the same as `nemo-aligner pack ...` (nemo_aligner/cli.py)
