@@ -22,7 +22,7 @@ def test_describe_lists_every_leaf_key_with_its_default():
     keys = {k.name: k for k in describe(DPORunConfig)}
     assert keys["model.dpo.ref_policy_kl_penalty"].default == 0.2
     assert keys["model.peft.lora_tuning.target_modules"].default == ["attention_qkv"]
-    assert keys["model.dpo.ref_policy_kl_penalty"].doc == "beta"
+    assert keys["model.dpo.ref_policy_kl_penalty"].doc.startswith("beta: the KL coefficient")
 
 
 def test_comments_on_the_line_or_above_become_the_doc():
