@@ -1,4 +1,4 @@
-"""The GRPO run config (examples/nlp/gpt/conf/gpt_grpo.yaml): the shared sections plus trainer.grpo, the
+"""The GRPO run config (nemo_aligner/conf/gpt_grpo.yaml): the shared sections plus trainer.grpo, the
 prompt data section model.data and model.grpo (rollouts, rewards, advantages, the loss), with TRL
 `GRPOConfig` 1.16's names and defaults where NeMo has none.
 
