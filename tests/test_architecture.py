@@ -104,10 +104,11 @@ ALLOWED = {
     "models": {"models"},
     "data": {"data"},
     "losses": {"losses"},
-    "algorithms": {"algorithms", "config", "data", "losses", "models"},
+    "algorithms": {"algorithms", "config", "data", "losses", "models", "rollout", "rewards", "generation"},
     "parallel": {"parallel", "models", "losses", "data"},
     "training": {"training", "parallel", "data"},
     "generation": {"generation", "models", "parallel", "losses", "data", "config"},
+    "rollout": {"rollout", "generation", "models", "losses", "data"},
 }
 
 

@@ -13,31 +13,8 @@ transformers' `generate` stops on.
 import json
 from pathlib import Path
 
-from nemo_aligner.data.dataset import with_bos
+from nemo_aligner.data.prompts.render import prompt_token_ids, render_prompt  # noqa: F401 (re-exported)
 from nemo_aligner.data.rows import DataError, read_rows
-
-
-def render_prompt(prompt, tokenizer, chat_template: str | None = None, where: str = "prompt") -> str:
-    """The text of a prompt: a string as it is, a message list through the chat template + generation prompt."""
-    if isinstance(prompt, str):
-        return prompt
-    is_message = lambda m: isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content"))  # noqa: E731
-    if not isinstance(prompt, list) or not prompt or not all(is_message(m) for m in prompt):
-        raise DataError(f"{where}: expected a string or a non-empty list of {{role, content}} messages, "
-                        f"got {json.dumps(prompt)[:120]}")
-    try:
-        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, template=chat_template)
-    except ValueError as err:
-        raise DataError(f"{where}: {err}") from None
-
-
-def prompt_token_ids(prompt, tokenizer, chat_template: str | None = None, add_bos: bool | None = None,
-                     where: str = "prompt") -> list[int]:
-    """Token ids of one prompt (see the module docstring)."""
-    ids, _ = with_bos(tokenizer.encode(render_prompt(prompt, tokenizer, chat_template, where)), tokenizer, add_bos)
-    if not ids:
-        raise DataError(f"{where}: the prompt has no tokens")
-    return ids
 
 
 def read_prompt_rows(path, prompt_key: str = "prompt") -> list[tuple[str, dict]]:

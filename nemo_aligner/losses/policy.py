@@ -1,6 +1,6 @@
 """The GRPO family as pure tensor functions: group advantages, the clipped policy loss of each
 `loss_type` with its global normaliser, the metric sums GRPO logs, and chunked temperature-scaled
-log-probs and entropy.
+log-probs and entropy (and `PolicyHead`, the head an online-RL model's forward ends in).
 
 This file owns the maths of TRL's `GRPOTrainer` (1.16) loss and advantages, plus TRL's RLOO baseline
 and NeMo-RL's REINFORCE++; it knows nothing of generation, reward functions, models or configs.
@@ -41,10 +41,11 @@ T completion tokens, N scored tokens, E hidden, V vocabulary.
 """
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nemo_aligner.losses.logprobs import softcap
@@ -480,3 +481,47 @@ def token_logprobs_and_entropy(hidden_NE: Tensor, weight_VE: Tensor, targets_N: 
     """
     return _map_chunks(chunk_logprobs_and_entropy, hidden_NE, weight_VE, targets_N, chunk_size, temperature,
                        logit_softcap, 2, (entropy_grad,))
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy head: what an online-RL model's forward ends in
+# ---------------------------------------------------------------------------------------------
+
+
+class PolicyFns(NamedTuple):
+    """How one chunk is projected: fn(hidden_NE, weight_VE, targets_N, temperature, logit_softcap, entropy_grad)
+    -> (log-probs [N], entropy [N]). The plain one is here; `parallel.tensor_parallel` installs the
+    vocab-parallel one when the output weight is sharded."""
+
+    logprobs_and_entropy: Callable
+
+
+POLICY_PLAIN = PolicyFns(chunk_logprobs_and_entropy)
+
+
+class PolicyHead(nn.Module):
+    """forward(hidden [R, T, E], output weight [V, E], labels [R, T]) -> [R, T, 2]: (log p(label), entropy)
+    of softmax(logits / temperature) at every scored position, 0 elsewhere; chunked, fp32, never a full
+    [tokens, vocab] tensor. The entropy is detached unless `entropy_grad` (an entropy bonus)."""
+
+    def __init__(self, chunk_size: int = 1024, temperature: float = 1.0, entropy_grad: bool = False):
+        super().__init__()
+        self.chunk_size, self.temperature, self.entropy_grad = chunk_size, temperature, entropy_grad
+        self.logit_softcap = None  # the model's final_logit_softcapping (ModelWithHead sets it)
+        self.fns = POLICY_PLAIN
+
+    def forward(self, hidden_RTE: Tensor, weight_VE: Tensor, labels_RT: Tensor) -> Tensor:
+        scored_RT = labels_RT != -100
+        logps_N, entropy_N = _map_chunks(self.fns.logprobs_and_entropy, hidden_RTE[scored_RT], weight_VE,
+                                         labels_RT[scored_RT], self.chunk_size, self.temperature, self.logit_softcap,
+                                         2, (self.entropy_grad,))
+        values_N2 = torch.stack([logps_N, entropy_N.to(logps_N.dtype)], dim=-1)
+        return values_N2.new_zeros(*labels_RT.shape, 2).masked_scatter(scored_RT[..., None], values_N2)
+
+    @staticmethod
+    def output_trailing_shape() -> tuple:
+        return (2,)
+
+    @staticmethod
+    def output_dtype() -> torch.dtype:
+        return torch.float32

@@ -38,6 +38,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from nemo_aligner.losses.logprobs import LogProbFns, softcap
+from nemo_aligner.losses.policy import PolicyFns
 from nemo_aligner.models.lora import LoRALinear
 
 _LOSS_PARALLEL_DEPTH = 0
@@ -95,6 +96,42 @@ def _vocab_parallel_logprobs_and_correct(hidden_NE, weight_VE, targets_N, logit_
 
 
 VOCAB_PARALLEL = LogProbFns(_vocab_parallel_logprobs, _vocab_parallel_logprobs_and_correct)
+
+
+def vocab_parallel_logprobs_and_entropy(hidden_NE: torch.Tensor, weight_VE: DTensor, targets_N: torch.Tensor,
+                                        temperature: float = 1.0, logit_softcap: float | None = None,
+                                        entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target) [N], entropy [N]) of softmax(logits / temperature) from a vocab-sharded output weight:
+    the log-probs through `loss_parallel()`'s cross-entropy, the entropy from a vocab-parallel logsumexp
+    (a max, then exp-sums, all-reduced over tp: H = m + log Σe^(z-m) - Σe^(z-m)z / Σe^(z-m)). The entropy
+    is a metric here (no gradient); an entropy bonus under tensor parallel is refused."""
+    if entropy_grad:
+        raise ValueError("an entropy gradient (entropy bonus) under tensor parallel is not supported")
+    if _LOSS_PARALLEL_DEPTH == 0:
+        raise RuntimeError("vocab-parallel log-probs must run inside nemo_aligner.parallel.tensor_parallel."
+                           "vocab_parallel_context() (forward and backward)")
+    mesh = weight_VE.device_mesh
+    hidden = DTensor.from_local(hidden_NE, mesh, [Replicate()], run_check=False)
+    logits_NV = softcap(F.linear(hidden, weight_VE).float(), logit_softcap)  # DTensor, Shard(-1)
+    if temperature != 1.0:
+        logits_NV = logits_NV / temperature
+    logps_N = -F.cross_entropy(logits_NV, targets_N, reduction="none")
+    logps_N = logps_N.to_local() if isinstance(logps_N, DTensor) else logps_N
+    with torch.no_grad():
+        local_NV = logits_NV.detach().to_local()
+        group = mesh.get_group()
+        max_N = local_NV.max(dim=-1).values
+        dist.all_reduce(max_N, op=dist.ReduceOp.MAX, group=group)
+        exp_NV = torch.exp(local_NV - max_N[:, None])
+        sums_2N = torch.stack([exp_NV.sum(-1), (exp_NV * local_NV).sum(-1)])
+        dist.all_reduce(sums_2N, group=group)
+        entropy_N = max_N + torch.log(sums_2N[0]) - sums_2N[1] / sums_2N[0]
+    return logps_N, entropy_N
+
+
+VOCAB_PARALLEL_POLICY = PolicyFns(vocab_parallel_logprobs_and_entropy)
+# what a head's plain projection functions become when its output weight is vocab-sharded
+_VOCAB_PARALLEL_FOR = {LogProbFns: VOCAB_PARALLEL, PolicyFns: VOCAB_PARALLEL_POLICY}
 
 
 def _vocab_parallel_argmax(logits_NV: DTensor, weight_VE: DTensor) -> torch.Tensor:
@@ -185,7 +222,7 @@ def apply_tensor_parallel(module, tp_mesh, sequence_parallel: bool = False):
                            ColwiseParallel(output_layouts=Shard(-1), use_local_output=False))
     head = getattr(module, "head", None)
     if head is not None and hasattr(head, "fns"):  # the output weight (or tied embedding) is vocab-sharded
-        head.fns = VOCAB_PARALLEL
+        head.fns = _VOCAB_PARALLEL_FOR[type(head.fns)]
     if sequence_parallel and model.final_norm is not None:
         parallelize_module(model.final_norm, tp_mesh, SequenceParallel())
         if head is not None:  # gather the sequence before projecting to the vocabulary

@@ -150,7 +150,7 @@ def check_run(start: RunStart, model, algorithm, layouts) -> None:
     an old run aside, or recognise a finished one. Sets start.plan, start.identity and start.resume."""
     cfg = start.cfg
     loop_cfg = loop_config(cfg)
-    start.plan = training_plan(cfg, loop_cfg, layouts[0], start.parallel.dims.dp)
+    start.plan = training_plan(cfg, loop_cfg, layouts[0], start.parallel.dims.dp, algorithm)
     check_optimisation(cfg, start.plan)
     start.identity = run_identity(start, model, algorithm, layouts[0])
     exp = cfg.exp_manager
@@ -195,7 +195,7 @@ def train(start: RunStart, run, algorithm, train_data, val_data, loop_cfg, token
     exp, optim, resume = cfg.exp_manager, cfg.model.optim, start.resume
     optimizer = build_optimizer(model, name=optim.name, lr=optim.lr, weight_decay=optim.weight_decay,
                                 betas=tuple(optim.betas), eps=optim.eps)
-    plan = training_plan(cfg, loop_cfg, train_data, run.dp.size)
+    plan = training_plan(cfg, loop_cfg, train_data, run.dp.size, algorithm)
     sched = optim.sched
     scheduler = build_scheduler(optimizer, name=sched.name, max_steps=sched.max_steps or plan.max_steps,
                                 warmup_steps=sched.warmup_steps, constant_steps=sched.constant_steps,
@@ -219,7 +219,8 @@ def train(start: RunStart, run, algorithm, train_data, val_data, loop_cfg, token
         trainer.resume(resume.checkpoint)
     log.info("training: %d steps (%d per epoch), global batch %d %s, micro batch %d, loss per %s, log dir %s",
              plan.max_steps, plan.sampler.steps_per_epoch, cfg.model.global_batch_size,
-             "packs" if train_data.packed else train_data.dataset.unit, cfg.model.micro_batch_size,
+             getattr(algorithm, "batch_unit", "packs" if train_data.packed else train_data.dataset.unit),
+             cfg.model.micro_batch_size,
              algorithm.unit.rstrip("s"), log_dir)
     with stop:  # SIGTERM / SIGUSR1 stop the loop after the current step (training.signals)
         result = trainer.fit()
@@ -435,11 +436,14 @@ def loop_config(cfg):
     return loops[0]
 
 
-def training_plan(cfg, loop_cfg, train_layout, dp_size: int) -> TrainingPlan:
+def training_plan(cfg, loop_cfg, train_layout, dp_size: int, algorithm=None) -> TrainingPlan:
+    """algorithm.items_per_step (optional): items drawn per step when global_batch_size counts something else
+    (an online algorithm's completions)."""
     return TrainingPlan.from_config(loop_cfg, num_items=len(train_layout.items),
                                     global_batch_size=cfg.model.global_batch_size,
                                     micro_batch_size=cfg.model.micro_batch_size, dp_size=dp_size,
-                                    seed=cfg.model.seed, shuffle=cfg.model.data.shuffle)
+                                    seed=cfg.model.seed, shuffle=cfg.model.data.shuffle,
+                                    items_per_step=getattr(algorithm, "items_per_step", None))
 
 
 def check_optimisation(cfg, plan: TrainingPlan) -> None:

@@ -5,7 +5,8 @@ The algorithm (`training.protocol.Algorithm`) collates micro-batches, counts the
 normalised by and computes losses from the model's outputs; the run (`parallel.run.ParallelRun`)
 supplies the executor that runs the model, the data-parallel group and the gradients' completion and
 clipping. The loop
-samples *items* (`data.layout`: examples, or packs of them). The data order is a function of
+samples *items* (`data.layout`: examples, or packs of them; prompts for an online algorithm, whose
+`rollout` makes each step's batch of completions, see `online_step`). The data order is a function of
 (seed, epoch) only, so a resumed run continues the exact trajectory of an uninterrupted one.
 
 After every step the loop asks `training.signals.StopWatch` whether to stop (SIGTERM / SIGUSR1 /
@@ -23,6 +24,7 @@ import torch
 
 from nemo_aligner.parallel.data_parallel import split_for_rank, strided_share
 from nemo_aligner.training.guards import DeadGradientWatch, NonFiniteError, check_finite, weights_finite
+from nemo_aligner.training.protocol import is_online
 from nemo_aligner.training.signals import StopWatch
 
 log = logging.getLogger(__name__)
@@ -63,12 +65,18 @@ class TrainingPlan:
 
     @classmethod
     def from_config(cls, loop, *, num_items: int, global_batch_size: int, micro_batch_size: int, dp_size: int,
-                    seed: int, shuffle: bool) -> "TrainingPlan":
-        """loop: trainer.<algorithm> (max_epochs, max_steps, val_check_interval, limit_train_batches, ...)."""
+                    seed: int, shuffle: bool, items_per_step: int | None = None) -> "TrainingPlan":
+        """loop: trainer.<algorithm> (max_epochs, max_steps, val_check_interval, limit_train_batches, ...).
+        items_per_step: items drawn per step when they are not what global_batch_size counts (an online
+        algorithm draws global_batch_size / group size prompts); None = global_batch_size."""
         if global_batch_size % (micro_batch_size * dp_size):
             raise ValueError(f"model.global_batch_size={global_batch_size} is not divisible by micro_batch_size "
                              f"({micro_batch_size}) x data-parallel size ({dp_size})")
-        sampler = GlobalBatchSampler(num_items, global_batch_size, seed, shuffle, loop.limit_train_batches)
+        items_per_step = global_batch_size if items_per_step is None else items_per_step
+        if items_per_step % dp_size:
+            raise ValueError(f"{items_per_step} prompts per step (model.global_batch_size={global_batch_size} / group "
+                             f"size) are not divisible by the data-parallel size ({dp_size}); groups are never split")
+        sampler = GlobalBatchSampler(num_items, items_per_step, seed, shuffle, loop.limit_train_batches)
         steps_by_epochs = loop.max_epochs * sampler.steps_per_epoch
         max_steps = steps_by_epochs if loop.max_steps < 0 else min(loop.max_steps, steps_by_epochs)
         val_every = (loop.val_check_interval if isinstance(loop.val_check_interval, int)
@@ -120,10 +128,19 @@ class Trainer:
         return int(self.dp.all_reduce_sum(local).item())
 
     def train_step(self, items: list) -> dict:
-        """One optimiser step; a non-finite loss or gradient norm raises NonFiniteError before the update."""
+        """One optimiser step; a non-finite loss or gradient norm raises NonFiniteError before the update.
+        An online algorithm (training.protocol.Online) makes the step's batch first (online_step)."""
+        if is_online(self.algorithm):
+            return self.online_step(items)
         self.model.train()
         micro = split_for_rank(items, self.micro_batch_size, self.dp)
         batches = [self.algorithm.make_batch(self.train_data.dataset, m, self.train_data.packed) for m in micro]
+        metrics = self._update(batches)
+        self.scheduler.step()
+        return metrics
+
+    def _update(self, batches) -> dict:
+        """Gradients of this rank's micro-batches, completed and clipped, checked, one optimiser step."""
         num_units = self._num_units(batches)
         self.optimizer.zero_grad(set_to_none=True)
         sums = self.executor.forward_backward(batches, num_units)
@@ -133,9 +150,30 @@ class Trainer:
         metrics["grad_norm"] = grad_norm
         check_finite(self.state.step + 1, metrics, ("loss", "grad_norm"), "train/", self._advice())
         self.optimizer.step()
-        self.scheduler.step()
         metrics["tokens"] = self.dp.all_reduce_sum(torch.tensor([float(tokens)])).item()
         return metrics
+
+    def online_step(self, items: list) -> dict:
+        """Online RL: the algorithm turns the step's prompt items into this rank's rollout (generation,
+        rewards, advantages, reference log-probs), then num_iterations optimiser passes run over it, the
+        engine's weights synced after each. The schedule advances once per step (the passes share its lr);
+        pass metrics are averaged, the rollout's and the per-phase times added."""
+        rollout = self.algorithm.rollout(self.train_data.dataset, items, self.state.step, self.run)
+        self.model.train()
+        local = list(range(len(rollout.dataset)))
+        micro = [local[i:i + self.micro_batch_size] for i in range(0, len(local), self.micro_batch_size)]
+        passes = []
+        for _ in range(self.algorithm.num_iterations):
+            with rollout.times.phase("policy"):
+                # rebuilt per pass: the first pass records the rollout policy's log-probs for the next ones
+                batches = [self.algorithm.make_batch(rollout.dataset, m, self.train_data.packed) for m in micro]
+                passes.append(self._update(batches))
+                self.algorithm.sync_weights(self.model)
+            rollout.times.add_tokens("policy", passes[-1]["tokens"])
+        self.scheduler.step()
+        metrics = {k: sum(p[k] for p in passes) / len(passes) for k in passes[0] if k != "tokens"}
+        metrics["tokens"] = sum(p["tokens"] for p in passes)
+        return metrics | rollout.metrics | rollout.times.metrics()
 
     def _advice(self) -> str:
         resume = (f"resumes from {self.last_saved}" if self.last_saved else
@@ -162,7 +200,8 @@ class Trainer:
             return {}
         n = len(self.val_data.items)
         count = min(n, limit * self.sampler.global_batch_size) if isinstance(limit, int) else max(1, int(n * limit))
-        metrics = self.evaluate(self.val_data, count)
+        metrics = (self.algorithm.validate(self.val_data, count, self.run) if is_online(self.algorithm)
+                   else self.evaluate(self.val_data, count))
         check_finite(self.state.step, metrics, ("loss",), "val/", self._advice())
         return metrics
 
@@ -251,7 +290,8 @@ class Trainer:
             record |= {f"val/{k}": v for k, v in val.items()}
             self._validated()
         if self.state.step == self.max_steps and self.test_data is not None:  # the test split, once, at the end
-            self.last_test = self.evaluate(self.test_data)
+            self.last_test = (self.algorithm.validate(self.test_data, None, self.run) if is_online(self.algorithm)
+                              else self.evaluate(self.test_data))
             check_finite(self.state.step, self.last_test, ("loss",), "test/", self._advice())
             record |= {f"test/{k}": v for k, v in self.last_test.items()}
         self.logger.log(self.state.step, record)

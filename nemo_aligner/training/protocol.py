@@ -7,6 +7,10 @@ micro-batches to the executor, which runs the model (ending in `algorithm.head()
 `algorithm.loss` on its outputs. Metric *sums* come back, are summed over micro-batches and ranks,
 and `reduce_metrics` turns them into the logged means.
 
+An online algorithm (GRPO, PPO) also implements `Online`: its data items are prompts, and each step it
+makes this rank's batch of completions itself (`rollout`), which the loop then trains on for
+`num_iterations` optimiser passes (`training.loop.Trainer.online_step`); validation is its own too.
+
 Adding an algorithm = a config schema + a class implementing this protocol + a short recipe (see
 docs/architecture.md).
 """
@@ -45,3 +49,32 @@ class Preparing(Protocol):
 
     def prepare(self, batches: list[Batch], executor) -> None:
         ...
+
+
+class Online(Protocol):
+    """Optional: an algorithm whose steps produce their batch online (generate -> rewards -> advantages ->
+    old / reference log-probs). The loop calls, per step:
+
+        rollout = algorithm.rollout(prompts_dataset, items, step, run)   # this rank's share of `items`
+        for _ in range(algorithm.num_iterations):                       # optimiser passes over it
+            ... make_batch(rollout.dataset, micro, packed) -> forward/backward -> optimizer.step()
+            algorithm.sync_weights(model)                               # the engine generates with the new weights
+
+    `rollout` returns a `rollout.Rollout` (dataset, metrics, per-phase times). `validate(layout, count, run)`
+    returns val/* metrics (e.g. the mean reward of generated completions) over the first `count` prompts
+    (None = all)."""
+
+    num_iterations: int
+
+    def rollout(self, prompts, items: list, step: int, run):
+        ...
+
+    def sync_weights(self, model) -> None:
+        ...
+
+    def validate(self, layout, count, run) -> dict[str, float]:
+        ...
+
+
+def is_online(algorithm) -> bool:
+    return callable(getattr(algorithm, "rollout", None))
