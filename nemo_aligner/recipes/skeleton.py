@@ -239,11 +239,15 @@ def train(start: RunStart, run, algorithm, train_data, val_data, loop_cfg, token
 
 
 def export(start: RunStart, run, tokenizer, step: int) -> Path:
-    """hf/ (LoRA: a PEFT adapter folder, or merged), then finished.json: a rerun of this command has nothing to do."""
+    """hf/ (LoRA: a PEFT adapter folder, or merged), any further models of the run (`run.exports()`: PPO's
+    critic/), then finished.json: a rerun of this command has nothing to do."""
     if not weights_finite(run.model):
         raise NonFiniteError(f"step {step}: the weights hold NaN or inf values; nothing is exported")
-    hf_dir = export_hf(start.parallel, run.model, start.log_dir / "hf", tokenizer or start.tokenizer,
+    tokenizer = tokenizer or start.tokenizer
+    hf_dir = export_hf(start.parallel, getattr(run, "actor", run.model), start.log_dir / "hf", tokenizer,
                        start.cfg.model.peft, start.restore)
+    for name, (model, source) in (run.exports() if hasattr(run, "exports") else {}).items():  # PPO: critic/
+        export_hf(start.parallel, model, start.log_dir / name, tokenizer, start.cfg.model.peft, source)
     if start.parallel.is_rank_zero:
         mark_finished(start.log_dir, step, hf_dir)
     return hf_dir

@@ -161,9 +161,11 @@ class Trainer:
         rollout = self.algorithm.rollout(self.train_data.dataset, items, self.state.step, self.run)
         self.model.train()
         local = list(range(len(rollout.dataset)))
-        micro = [local[i:i + self.micro_batch_size] for i in range(0, len(local), self.micro_batch_size)]
+        choose = getattr(self.algorithm, "pass_items", None)  # optional: pass k's completions (PPO's mini-batches)
         passes = []
-        for _ in range(self.algorithm.num_iterations):
+        for k in range(self.algorithm.num_iterations):
+            chosen = choose(k, local) if choose is not None else local
+            micro = [chosen[i:i + self.micro_batch_size] for i in range(0, len(chosen), self.micro_batch_size)]
             with rollout.times.phase("policy"):
                 # rebuilt per pass: the first pass records the rollout policy's log-probs for the next ones
                 batches = [self.algorithm.make_batch(rollout.dataset, m, self.train_data.packed) for m in micro]
