@@ -3,7 +3,7 @@ config against them with errors that name the key. Importing this package does n
 
     cfg = load_config(raw, DPORunConfig)   # raw: DictConfig / dict from Hydra or YAML
 
-Schemas: `config.sections` (what every recipe shares), `config.dpo`, `config.sft`, `config.rm`, `config.generate`;
+Schemas: `config.sections` (what every recipe shares), `config.dpo`, `config.sft`, `config.rm`, `config.ppo`, `config.generate`;
 `config.nemo_compat` lists the NeMo keys that are accepted and ignored.
 """
 
@@ -14,10 +14,11 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from nemo_aligner.config.dpo import DPORunConfig
 from nemo_aligner.config.generate import GenerateRunConfig
+from nemo_aligner.config.ppo import PPORunConfig
 from nemo_aligner.config.rm import RMRunConfig
 from nemo_aligner.config.sft import SFTRunConfig
 
-__all__ = ["ConfigError", "load_config", "DPORunConfig", "GenerateRunConfig", "RMRunConfig", "SFTRunConfig"]
+__all__ = ["ConfigError", "load_config", "DPORunConfig", "GenerateRunConfig", "PPORunConfig", "RMRunConfig", "SFTRunConfig"]
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,57 @@
+"""PPO with a reward model and a critic (actor, reference, reward model and critic in one job) with
+NeMo-Aligner's command line and TRL PPOConfig's semantics.
+
+    python examples/nlp/gpt/train_gpt_ppo.py                    # the bundled CPU demo (trains its reward model first)
+    python examples/nlp/gpt/train_gpt_ppo.py pretrained_checkpoint.restore_from_path=/hf/sft_model \\
+        reward_model.restore_from_path=/results/rm/hf \\
+        "model.data.data_prefix={train: [prompts_train.jsonl], validation: [prompts_val.jsonl]}" \\
+        exp_manager.explicit_log_dir=/results/ppo
+    torchrun --nproc_per_node=4 examples/nlp/gpt/train_gpt_ppo.py trainer.devices=4 ...   # 4-way data parallel
+
+Prompts: jsonl / parquet rows with a `prompt` (a string used verbatim, or messages through the chat
+template; model.data.prompt_key). The critic starts from the reward model unless critic.restore_from_path
+says otherwise. Outputs: hf/ (the actor), critic/ (a *ForSequenceClassification folder), checkpoints/,
+metrics.jsonl, curves.png. Config: conf/gpt_ppo.yaml (every key documented in nemo_aligner/config/ppo.py and
+sections.py); the no-argument demo: conf/demo/gpt_ppo.yaml. Exit codes: 0 done (or nothing to do), 1 a user
+error (one message; NEMO_ALIGNER_TRACEBACK=1 shows the traceback), 75 stopped by SIGTERM / SIGUSR1 /
+trainer.max_time with a checkpoint saved (rerun to continue).
+"""
+
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_aligner.config import PPORunConfig, RMRunConfig, load_config
+from nemo_aligner.config.presets import is_demo_run, with_preset
+from nemo_aligner.recipes.ppo import run_ppo
+from nemo_aligner.recipes.rm import run_rm
+from nemo_aligner.recipes.skeleton import main_entry, setup_logging, user_errors_exit
+
+CONF = Path(__file__).resolve().parent / "conf"
+ConfigStore.instance().store(name="ppo_schema", node=PPORunConfig)
+
+
+def demo_reward_model(raw: DictConfig) -> None:
+    """The demo scores with the reward model that train_reward_model.py's own demo trains: trained here first,
+    exactly as that script would (same preset, same log dir), when its hf/ is not there yet."""
+    preset = OmegaConf.load(CONF / "demo" / "gpt_ppo.yaml")
+    wanted = OmegaConf.select(raw, "reward_model.restore_from_path") or preset.reward_model.restore_from_path
+    if Path(wanted).is_dir():
+        return
+    setup_logging()
+    with user_errors_exit():
+        run_rm(load_config(with_preset({}, CONF / "demo" / "training_rm.yaml"), RMRunConfig))
+
+
+@hydra.main(config_path="conf", config_name="gpt_ppo", version_base="1.3")
+def main(raw: DictConfig) -> None:
+    if is_demo_run(raw):
+        demo_reward_model(raw)
+    # demo preset with no checkpoint and no data; one-line user errors (exit 1); exit 75 when stopped to resume
+    main_entry(raw, PPORunConfig, run_ppo, demo=CONF / "demo" / "gpt_ppo.yaml")
+
+
+if __name__ == "__main__":
+    main()
