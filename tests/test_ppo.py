@@ -37,10 +37,9 @@ def _quiet(monkeypatch):
     monkeypatch.setattr("nemo_aligner.training.logging.plot_curves", lambda *args, **kwargs: None)
 
 
-@pytest.fixture(scope="module")
-def hf_reward_model(tmp_path_factory):
+def make_hf_reward_model(folder: Path):
     """A random transformers LlamaForSequenceClassification over the demo tokenizer's 400 ids, its head
-    scaled up so scores spread over a few units; the demo tokenizer saved beside it."""
+    scaled up so scores spread over a few units, saved to `folder` with the demo tokenizer beside it."""
     import transformers as tf
 
     torch.manual_seed(0)
@@ -50,11 +49,16 @@ def hf_reward_model(tmp_path_factory):
     model = tf.LlamaForSequenceClassification(config).eval()
     with torch.no_grad():
         model.score.weight.mul_(100.0)
-    folder = tmp_path_factory.mktemp("hf_rm")
     model.save_pretrained(folder)
     for f in DEMO_TOKENIZER.iterdir():
-        shutil.copy(f, folder / f.name)
-    return folder, model
+        shutil.copy(f, Path(folder) / f.name)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_reward_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf_rm")
+    return folder, make_hf_reward_model(folder)
 
 
 def ppo_config(log_dir, rm_folder, *overrides):
@@ -81,8 +85,12 @@ def test_scores_rise_with_a_transformers_reward_model_and_critic(tmp_path, hf_re
     import transformers as tf
 
     folder, hf_model = hf_reward_model
-    result = run(tmp_path, folder, "trainer.ppo.max_steps=24", "model.ppo.kl_coef=0.01", "model.ppo.num_ppo_epochs=4")
+    result = run(tmp_path, folder, "trainer.ppo.max_steps=24", "model.ppo.kl_coef=0.01", "model.ppo.num_ppo_epochs=4",
+                 "trainer.ppo.limit_val_batches=1.0", "trainer.ppo.val_check_interval=12", "model.ppo.num_val_samples=16",
+                 f"model.data.data_prefix.validation=[{VAL_PROMPTS}]")
     rows = train_rows(tmp_path)
+    validated = [r["val/objective/scores"] for r in read_metrics(tmp_path) if "val/objective/scores" in r]
+    assert len(validated) == 2  # steps 12 and 24 (before training: metrics of step 0 are not in the file)
     scores = [r["train/objective/scores"] for r in rows]
     first, last = sum(scores[:4]) / 4, sum(scores[-4:]) / 4
     assert last > first + 2.0, scores
@@ -206,3 +214,15 @@ def test_bad_inputs_are_one_message_naming_the_key(tmp_path, hf_reward_model):
     (adapters / "adapter_config.json").write_text("{}")
     with pytest.raises(ValueError, match="critic.restore_from_path=.*adapters: a PEFT adapter folder"):
         run(tmp_path / "d", hf_reward_model[0], f"critic.restore_from_path={adapters}")
+
+
+def test_every_ppo_key_is_documented_in_the_schema():
+    from nemo_aligner.config.describe import describe
+
+    keys = {k.name: k for k in describe(PPORunConfig)}
+    for name in ("model.ppo.num_rollout_samples", "model.ppo.ratio_eps", "model.ppo.kl_coef",
+                 "model.ppo.sampling_params.end_strings", "model.ppo.length_params.max_length",
+                 "trainer.ppo.initial_policy_kl_penalty", "reward_model.restore_from_path", "critic.restore_from_path"):
+        assert keys[name].doc, name
+    undocumented = [k for k, v in keys.items() if k.startswith(("model.ppo.", "trainer.ppo.")) and not v.doc]
+    assert not undocumented, undocumented

@@ -294,7 +294,7 @@ class PPOAlgorithm:
 
     @torch.no_grad()
     def validate(self, layout, count, run) -> dict[str, float]:
-        """val/scores: the reward model's mean score of one completion of each of the first `count` validation
+        """val/objective/scores: the reward model's mean score of one completion of each of the first `count` validation
         prompts (all: None), sampled as in training from a fixed seed (the same draws at every validation)."""
         dp = run.dp
         items = list(layout.items if count is None else layout.items[:count])
@@ -307,7 +307,7 @@ class PPOAlgorithm:
                                          [e.completion_ids for e in dataset.examples])
         totals = dp.all_reduce_sum(torch.tensor([float(scores.double().sum()), float(len(scores))],
                                                 dtype=torch.float64))
-        return {"scores": float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")}
+        return {"objective/scores": float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")}
 
 
 def _set_extra(dataset, name: str, indices, values_SL: Tensor) -> None:

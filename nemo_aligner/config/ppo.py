@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from nemo_aligner.config.sections import (
-    DataConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SchedConfig, TrainerConfig, _choice,
+    CheckpointParams, DataConfig, ExpManagerConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SchedConfig,
+    TrainerConfig, _choice,
 )
 
 KL_ESTIMATORS = ("k1", "k3")
@@ -199,6 +200,10 @@ class CriticSection:
     restore_from_path: Optional[str] = None  # null = reward_model.restore_from_path (NeMo-Aligner's and TRL's default)
 
 
+def _ppo_exp_manager() -> ExpManagerConfig:  # the best checkpoints: the highest mean validation score
+    return ExpManagerConfig(checkpoint_callback_params=CheckpointParams(monitor="val_objective/scores", mode="max"))
+
+
 @dataclass
 class PPORunConfig(RunConfig):
     """The whole of gpt_ppo.yaml."""
@@ -208,6 +213,7 @@ class PPORunConfig(RunConfig):
     model: PPOModelConfig = field(default_factory=PPOModelConfig)
     reward_model: RewardModelSection = field(default_factory=RewardModelSection)
     critic: CriticSection = field(default_factory=CriticSection)
+    exp_manager: ExpManagerConfig = field(default_factory=_ppo_exp_manager)
 
     def __post_init__(self):
         kl = self.trainer.ppo.initial_policy_kl_penalty
