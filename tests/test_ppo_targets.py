@@ -96,3 +96,78 @@ def test_whitened_advantages_have_zero_mean_unit_variance_over_real_tokens():
     real = out.advantages_SL[MASK.bool()]
     assert abs(real.mean().item()) < 1e-6 and abs(real.var().item() - 1.0) < 1e-4
     assert out.advantages_SL[1, 2] == 0
+
+
+# ------------------------------------------------------------------------------------------ the losses' wiring
+def _rollout():
+    import numpy as np
+
+    from nemo_aligner.rollout import RolloutDataset, RolloutExample
+
+    rng = np.random.default_rng(0)
+    examples = []
+    for i, (p, c) in enumerate([(3, 4), (2, 2), (4, 3)]):
+        e = RolloutExample(np.arange(1, p + 1), np.arange(10, 10 + c), "", "", {}, i, 0, False,
+                           np.zeros(c, np.float32))
+        e.old_logps = rng.normal(size=c).astype(np.float32) - 2
+        e.extra = {k: rng.normal(size=c).astype(np.float32) for k in ("advantages", "returns", "values")}
+        examples.append(e)
+    return RolloutDataset(examples)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_actor_and_critic_losses_read_each_completions_own_targets(packed):
+    """The micro-batch losses equal losses.ppo's functions on per-completion tensors assembled by hand, in any
+    item order, padded or packed (the per-token targets follow each completion, not its row)."""
+    from nemo_aligner.algorithms.ppo import CriticLoss, PPOAlgorithm, PPOSettings
+    from nemo_aligner.losses.ppo import clipped_policy_terms, clipped_value_terms
+
+    cfg = PPOConfig(entropy_bonus=0.01)
+    settings = PPOSettings(**{k: getattr(cfg, k) for k in ("num_ppo_epochs", "num_mini_batches", "kl_coef",
+                           "kl_estimator", "use_absolute_kl", "missing_eos_penalty", "whiten_rewards", "gamma", "lam",
+                           "whiten_advantages", "cliprange", "cliprange_value", "vf_coef", "entropy_bonus",
+                           "temperature")}, max_new_tokens=8, top_k=0, top_p=1.0, end_strings=[])
+    algorithm = PPOAlgorithm(settings, pad_id=0, seed=1, num_rollout_samples=3, forward_micro_batch_size=3,
+                             packed=packed)
+    dataset = _rollout()
+    items = [2, 0, 1]
+    batch = algorithm.make_batch(dataset, items, packed)
+    torch.manual_seed(0)
+    outputs_RT2 = torch.randn(*batch.labels.shape, 2)
+    num_tokens = 20  # the global mini-batch's tokens
+    loss, sums = algorithm.loss(batch, outputs_RT2, num_tokens)
+    scores_RT = torch.randn(*batch.labels.shape)
+    vloss, vsums = CriticLoss(settings).loss(batch, scores_RT, num_tokens)
+    # by hand: each completion's positions in its row (labels scored), in the batch's sequence order
+    want_pg, want_vf, entropy = 0.0, 0.0, 0.0
+    for s, i in enumerate(batch.example_indices.tolist()):
+        e = dataset.examples[i]
+        rows, cols = (batch.seq_index == s).nonzero(as_tuple=True)
+        logps, ent, values = outputs_RT2[rows, cols, 0], outputs_RT2[rows, cols, 1], scores_RT[rows, cols]
+        one = torch.ones(1, len(cols))
+        pg, _ = clipped_policy_terms(logps[None], torch.from_numpy(e.old_logps)[None],
+                                     torch.from_numpy(e.extra["advantages"])[None], one, settings.cliprange)
+        vf, _ = clipped_value_terms(values[None], torch.from_numpy(e.extra["values"])[None],
+                                    torch.from_numpy(e.extra["returns"])[None], one, settings.cliprange_value)
+        want_pg, want_vf, entropy = want_pg + pg, want_vf + vf, entropy + ent.sum()
+    assert sorted(batch.example_indices.tolist()) == [0, 1, 2]
+    assert torch.allclose(loss, (want_pg - 0.01 * entropy) / num_tokens, atol=1e-6)
+    assert torch.allclose(vloss, settings.vf_coef * want_vf / num_tokens, atol=1e-6)
+    assert float(sums["tokens"]) == 9 and algorithm.num_units(batch) == 9
+
+
+def test_mini_batches_partition_each_epoch():
+    from nemo_aligner.algorithms.ppo import PPOAlgorithm, PPOSettings
+
+    base = {k: getattr(PPOConfig(), k) for k in ("kl_coef", "kl_estimator", "use_absolute_kl", "missing_eos_penalty",
+            "whiten_rewards", "gamma", "lam", "whiten_advantages", "cliprange", "cliprange_value", "vf_coef",
+            "entropy_bonus", "temperature")}
+    settings = PPOSettings(num_ppo_epochs=2, num_mini_batches=4, max_new_tokens=8, top_k=0, top_p=1.0,
+                           end_strings=[], **base)
+    algorithm = PPOAlgorithm(settings, pad_id=0, seed=1, num_rollout_samples=16, forward_micro_batch_size=4)
+    assert algorithm.num_iterations == 8
+    local = list(range(16))
+    epochs = [[algorithm.pass_items(k, local) for k in range(e * 4, e * 4 + 4)] for e in range(2)]
+    for parts in epochs:
+        assert sorted(i for p in parts for i in p) == local and all(len(p) == 4 for p in parts)
+    assert epochs[0] != epochs[1]  # each epoch its own permutation
