@@ -98,7 +98,7 @@ def test_scores_rise_with_a_transformers_reward_model_and_critic(tmp_path, hf_re
                 "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
                 "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var", "lr", "grad_norm",
                 "time/generation", "time/rewards", "time/old_logps", "time/reference", "time/values",
-                "time/policy"):
+                "time/policy", "eps"):
         assert f"train/{key}" in rows[-1], key
     # the critic trains: its value loss falls, and critic/ is a LlamaForSequenceClassification folder whose
     # head moved away from the reward model's
@@ -172,7 +172,7 @@ def test_resume_continues_the_exact_trajectory(tmp_path, hf_reward_model):
     assert result["resumed"]
     straight, resumed = train_rows(tmp_path / "straight"), train_rows(tmp_path / "resumed")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
-    skip = ("time/", "tokens_per_sec", "step_time")
+    skip = ("time/", "tokens_per_sec", "step_time", "train/eps")
     for a, b in zip(straight[2:], resumed[2:]):
         for key, value in a.items():
             if not any(s in key for s in skip):
@@ -226,3 +226,15 @@ def test_every_ppo_key_is_documented_in_the_schema():
         assert keys[name].doc, name
     undocumented = [k for k, v in keys.items() if k.startswith(("model.ppo.", "trainer.ppo.")) and not v.doc]
     assert not undocumented, undocumented
+
+
+def test_lora_actor_uses_the_adapters_off_reference(tmp_path, hf_reward_model):
+    """With LoRA the reference is the policy with its adapters off (no copy): KL 0 at step 1 (B = 0), > 0 once
+    the adapters moved; hf/ is a PEFT adapter folder, critic/ a full model."""
+    result = run(tmp_path, hf_reward_model[0], "trainer.ppo.max_steps=2", "model.ppo.kl_coef=0.05",
+                 "model.peft.peft_scheme=lora", "model.peft.lora_tuning.adapter_dim=4",
+                 "exp_manager.create_checkpoint_callback=false")
+    rows = train_rows(tmp_path)
+    assert rows[0]["train/objective/kl"] == pytest.approx(0.0, abs=1e-6) and rows[1]["train/objective/kl"] != 0.0
+    assert (Path(result["hf_dir"]) / "adapter_config.json").is_file()
+    assert (tmp_path / "critic/model.safetensors").is_file() and not (tmp_path / "critic/adapter_config.json").exists()

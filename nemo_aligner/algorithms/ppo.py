@@ -25,6 +25,7 @@ The value of completion token t is the critic's score head read where the policy
 Shapes: S completions (sequences), L completion tokens (right-padded; `mask_SL` 1 on real tokens).
 """
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -184,6 +185,7 @@ class PPOAlgorithm:
         self.critic_loss = CriticLoss(settings)
         self.engine = self.reward_model = self.reference = None
         self._step = 0
+        self._clock = None  # (when this process's first step began, completions of the steps finished since)
 
     # ------------------------------------------------------------------ the protocol (actor)
     def head(self) -> PolicyHead:
@@ -264,8 +266,17 @@ class PPOAlgorithm:
                 times.add_tokens(phase, num_tokens)
         targets, has_eos_B, lengths_B = self._targets(dataset, scores_S, dp)
         metrics = {**rollout_metrics(targets.sums), **completion_metrics(lengths_B, ~has_eos_B),
-                   "val/num_eos_tokens": float(has_eos_B.sum())}
+                   "val/num_eos_tokens": float(has_eos_B.sum()), **self._episodes_per_second(len(items))}
         return Rollout(dataset, metrics, times)
+
+    def _episodes_per_second(self, num_completions: int) -> dict:
+        """TRL's `eps`: completions per second over the steps this process has finished (from step 2 on)."""
+        now = time.perf_counter()
+        if self._clock is None:
+            self._clock = (now, 0)
+        started, done = self._clock
+        self._clock = (started, done + num_completions)
+        return {"eps": done / (now - started)} if done else {}
 
     def _micro_batches(self, dataset) -> list:
         local = list(range(len(dataset)))
