@@ -60,7 +60,7 @@ def comparable(row: dict) -> dict:
 def micro_batch_loss(algorithm, model, batch, num_units: int):
     """(loss, metric sums) of one micro-batch: `model` ending in `algorithm.head()`, then `algorithm.loss`."""
     module = model if isinstance(model, ModelWithHead) else ModelWithHead(model, algorithm.head())
-    outputs = module(batch.input_ids, labels=batch.labels, segment_ids=batch.segment_ids)
+    outputs = module(batch.input_ids, **batch.model_inputs())
     return algorithm.loss(batch, outputs, num_units)
 
 

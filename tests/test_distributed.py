@@ -144,8 +144,19 @@ def _worker(rank: int, root: str, ports: dict):
         if name in SFT_PACKED_LAYOUTS:
             run_sft_phase(out / "sft_packed", root / "data", world, overrides, "sft_packed")
         dist.destroy_process_group()
+        forget_meshes()
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(key, None)
+
+
+def forget_meshes():
+    """DTensor caches sharding decisions keyed by a mesh's ranks and names, not its process groups, so the
+    next layout's equal tp mesh ([0, 1] named "tp") would reuse the destroyed groups for a micro-batch of
+    the same shapes ("Could not resolve the process group"). One process per run never re-creates groups."""
+    from torch.distributed.tensor import DTensor
+
+    DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
+    torch._C._clear_DTensor_sharding_propagator_cache()  # the C++ fast path's copy of it
 
 
 def _free_ports(n: int) -> list[int]:

@@ -4,7 +4,8 @@
   sequence with flash's documented window semantics, so the flatten / cu_seqlens / GQA / window
   plumbing is compared with the block-diagonal mask path; plus the decision that picks the kernel.
 - bf16 autocast: fp32 master weights, fp32 log-probs, agreement with fp32 within bf16 rounding.
-- fused AdamW: which kwargs build_optimizer chooses for CUDA parameters (fake ones: no GPU here).
+- fused AdamW: which kwargs build_optimizer chooses for CUDA parameters (fake ones: no GPU here) and
+  plain CPU ones (fused there too).
 - torch.compile per block: same outputs and gradients as eager, also under activation checkpointing.
 """
 
@@ -245,13 +246,15 @@ def test_fused_adamw_is_chosen_when_every_parameter_is_on_cuda(monkeypatch):
     kw = dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
     assert build_optimizer(_fake_params("cuda", "cuda"), **kw).kwargs["fused"] is True
     assert build_optimizer(_fake_params("cuda", "cpu"), **kw).kwargs["fused"] is None  # torch's default (foreach)
-    assert build_optimizer(_fake_params("cpu"), **kw).kwargs["fused"] is None
     assert build_optimizer(_fake_params("cuda"), fused=False, **kw).kwargs["fused"] is False  # explicit wins
 
 
-def test_real_cpu_optimizer_is_not_fused():
+def test_real_cpu_optimizer_is_fused_but_not_over_sharded_parameters():
     optimizer = build_optimizer(_model(num_layers=1), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
-    assert not optimizer.defaults["fused"]
+    assert optimizer.defaults["fused"]  # plain CPU tensors: torch's fused CPU kernel (bench: faster, less memory)
+    from nemo_aligner.training.optim import _fused_by_default
+
+    assert not _fused_by_default([SimpleNamespace(device=torch.device("cpu"), data=object())])  # e.g. a DTensor
 
 
 # ------------------------------------------------------------------------------------- torch.compile

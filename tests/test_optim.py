@@ -1,5 +1,6 @@
 """Optimiser param groups and LR schedules (nemo_aligner/training/optim.py) against hand-computed values."""
 
+import copy
 import math
 
 import pytest
@@ -182,9 +183,20 @@ def test_iterable_of_params_uses_ndim_rule():
     assert [id(p) for p in groups[0.0]] == [id(vector)]
 
 
-def test_fused_is_off_on_cpu():
-    optimizer = build_optimizer(Tiny(), lr=BASE, weight_decay=0.1, betas=(0.9, 0.98))
-    assert not optimizer.defaults["fused"]
+def test_fused_on_cpu_for_plain_tensors_and_equal_to_the_loop():
+    model = Tiny()
+    optimizer = build_optimizer(model, lr=BASE, weight_decay=0.1, betas=(0.9, 0.98))
+    assert optimizer.defaults["fused"]
+    twin = copy.deepcopy(model)
+    loop = build_optimizer(twin, lr=BASE, weight_decay=0.1, betas=(0.9, 0.98), fused=False)
+    for _ in range(3):
+        for m in (model, twin):
+            for p in m.parameters():
+                p.grad = torch.ones_like(p) * 0.3
+        optimizer.step()
+        loop.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------ errors

@@ -1,8 +1,9 @@
 """The DPO reference policy, three ways that give the same numbers (model.dpo.ref_mode):
 
-- precompute: one forward-only pass of the initial policy over the train and validation data before
-  training (LoRA adapters off), kept beside the pairs and cached in safetensors keyed by model, data
-  and settings; no reference weights are held while training;
+- precompute: one forward-only pass of the initial policy before training (LoRA adapters off) over the
+  training pairs and the validation items that validation reads (none when it is off), kept beside
+  the pairs and cached in safetensors keyed by model, data, layout and settings; no reference weights
+  are held while training;
 - online: a frozen copy of the initial policy, laid out like it, run before each step;
 - adapter (LoRA): the policy itself with its adapters switched off, run before each step.
 Reference-free losses (SimPO, ORPO) need none of them.
@@ -14,6 +15,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from nemo_aligner.algorithms.dpo import reference_pair_sums
@@ -41,9 +43,14 @@ class ModelReference:
 
 
 def precompute_reference(run, layout, make_batch, micro_batch_size: int) -> None:
-    """layout.dataset.ref_chosen / ref_rejected from the (not yet trained) policy with adapters off."""
+    """layout.dataset.ref_chosen / ref_rejected from the (not yet trained) policy with adapters off, for the
+    pairs of `layout.items`; pairs the layout leaves out (validation items no check reads) are NaN, so a
+    use of one could not pass for a value."""
     with adapters_disabled(run.policy):
         values = run.forward_only_items(run.policy, layout, micro_batch_size, make_batch, reference_pair_sums)
+    covered = np.zeros(len(layout.dataset), dtype=bool)
+    covered[[i for item in layout.items for i in (item if layout.packed else [item])]] = True
+    values[~covered] = np.nan
     layout.dataset.ref_chosen, layout.dataset.ref_rejected = values[:, 0].copy(), values[:, 1].copy()
 
 
@@ -67,7 +74,9 @@ def cached_reference(run, layouts: dict, make_batch, micro_batch_size: int, cach
     for name, layout in layouts.items():
         if layout is None:
             continue
-        key = cache_key(identity, layout.dataset.fingerprint, precision, layout.packed)
+        # the layout's rounding (packed, shared prompt) and the items covered are part of what was computed
+        key = cache_key(identity, layout.dataset.fingerprint, precision, layout.packed,
+                        getattr(layout.dataset, "shared_prompt", False), len(layout.items))
         path = cache_dir / f"{name}-{key}.safetensors"
         if run.all_ranks_have(path):
             cached = load_file(path)
@@ -80,4 +89,4 @@ def cached_reference(run, layouts: dict, make_batch, micro_batch_size: int, cach
             tmp = path.with_suffix(".tmp")
             save_file({"chosen": layout.dataset.ref_chosen, "rejected": layout.dataset.ref_rejected}, tmp)
             tmp.replace(path)
-            log.info("reference log-probs for %s: computed for %d pairs, cached in %s", name, len(layout.dataset), path)
+            log.info("reference log-probs for %s: computed for %d items, cached in %s", name, len(layout.items), path)

@@ -3,7 +3,8 @@ config against them with errors that name the key. Importing this package does n
 
     cfg = load_config(raw, DPORunConfig)   # raw: DictConfig / dict from Hydra or YAML
 
-Schemas: `config.sections` (what every recipe shares), `config.dpo`, `config.sft`, `config.rm`, `config.ppo`, `config.generate`;
+Schemas: `config.sections` (what every recipe shares), `config.dpo`, `config.sft`, `config.rm`, `config.generate`,
+`config.grpo`, `config.ppo`;
 `config.nemo_compat` lists the NeMo keys that are accepted and ignored.
 """
 
@@ -14,11 +15,13 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from nemo_aligner.config.dpo import DPORunConfig
 from nemo_aligner.config.generate import GenerateRunConfig
+from nemo_aligner.config.grpo import GRPORunConfig
 from nemo_aligner.config.ppo import PPORunConfig
 from nemo_aligner.config.rm import RMRunConfig
 from nemo_aligner.config.sft import SFTRunConfig
 
-__all__ = ["ConfigError", "load_config", "DPORunConfig", "GenerateRunConfig", "PPORunConfig", "RMRunConfig", "SFTRunConfig"]
+__all__ = ["ConfigError", "load_config", "DPORunConfig", "GenerateRunConfig", "GRPORunConfig", "PPORunConfig",
+           "RMRunConfig", "SFTRunConfig"]
 
 
 class ConfigError(ValueError):

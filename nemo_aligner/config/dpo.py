@@ -21,6 +21,7 @@ class PreferenceDataConfig(DataConfig):
     chosen_key: Optional[str] = None  # null = detect (chosen_response / chosen)
     rejected_key: Optional[str] = None  # null = detect (rejected_response / rejected)
     input_key: str = "input"  # ROLL's optional field appended to a string prompt
+    shared_prompt: bool = True  # one row [prompt | chosen | rejected] per pair, responses masked from each other (exact; off = two sequences)
     # pack_size (online packing): null = 2 x seq_length, a pair of two max-length sequences
 
     def __post_init__(self):

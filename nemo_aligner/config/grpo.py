@@ -1,6 +1,11 @@
-"""model.grpo: the settings section of the GRPO family (rollouts, rewards, advantages, the loss), with
-TRL `GRPOConfig` 1.16's names and defaults. A settings section only: the run config (trainer.grpo,
-the prompt data section) comes with the GRPO recipe.
+"""The GRPO run config (examples/nlp/gpt/conf/gpt_grpo.yaml): the shared sections plus trainer.grpo, the
+prompt data section model.data and model.grpo (rollouts, rewards, advantages, the loss), with TRL
+`GRPOConfig` 1.16's names and defaults where NeMo has none.
+
+`model.global_batch_size` counts completions (as TRL and NeMo-RL): each step draws
+global_batch_size / num_generations prompts and samples num_generations completions of each;
+`model.micro_batch_size` counts completions too. Optimiser defaults are TRL's GRPOConfig: lr 1e-6, no weight
+decay, betas (0.9, 0.999), gradient clipping 1.0; a constant schedule (NeMo-RL's GRPO default).
 
 The choice lists here mirror the registries in `losses.policy` (this package must not import torch;
 tests/test_policy_losses.py keeps them equal). What each loss type and estimator computes:
@@ -11,7 +16,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from nemo_aligner.config.sections import _choice
+from nemo_aligner.config.sections import (
+    CheckpointParams, DataConfig, ExpManagerConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SchedConfig,
+    TrainerConfig, _choice,
+)
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus")
@@ -20,6 +28,7 @@ IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 # what scale_rewards: null means for each estimator (its reference implementation's behaviour)
 DEFAULT_SCALE_REWARDS = {"grpo": "group", "rloo": "none", "reinforce_plus_plus": "none"}
 REWARD_SPEC_KEYS = ("fn", "name", "kwargs")
+ENGINES = ("builtin", "vllm")
 
 
 @dataclass
@@ -46,8 +55,16 @@ class GRPOConfig:
     use_bias_correction_kl: bool = True  # multiply the k3 KL by the importance ratio (TRL 1.16's default)
     num_iterations: int = 1  # optimiser passes over each rollout batch (mu); > 1 needs the rollout's log-probs
     mask_truncated_completions: bool = False  # completions cut at max_completion_length (no EOS) get no loss (DAPO)
+    engine: str = "builtin"  # builtin (the KV-cache sampler on the live policy) | vllm (colocated; needs vllm installed)
+    generation_batch_size: int = 64  # completions the built-in sampler decodes together
+    logprob_chunk_size: int = 1024  # tokens per chunk of the output projection (memory vs speed)
+    log_rollouts: bool = False  # write every step's prompts, completions and rewards to <log_dir>/rollouts.jsonl
+    val_num_generations: int = 1  # completions per validation prompt (val/reward is their mean reward)
 
     def __post_init__(self):
+        _choice("model.grpo.engine", self.engine, ENGINES)
+        for key in ("generation_batch_size", "logprob_chunk_size", "val_num_generations"):
+            _positive_int(f"model.grpo.{key}", getattr(self, key))
         _choice("model.grpo.advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
         _choice("model.grpo.scale_rewards", self.scale_rewards, (None,) + SCALE_REWARDS)
         _choice("model.grpo.loss_type", self.loss_type, GRPO_LOSS_TYPES)
@@ -108,6 +125,63 @@ class GRPOConfig:
     def resolved_scale_rewards(self) -> str:
         """model.grpo.scale_rewards with null resolved for the advantage estimator."""
         return self.scale_rewards or DEFAULT_SCALE_REWARDS[self.advantage_estimator]
+
+
+@dataclass
+class GRPODataConfig(DataConfig):
+    """model.data for GRPO: prompt files (jsonl / parquet), the prompt column, the chat template; every other
+    column of a row is handed to the reward functions. Prompts longer than model.grpo.max_prompt_length
+    follow model.data.overlength (truncate keeps their last tokens, as TRL)."""
+
+    prompt_key: str = "prompt"  # the column holding the prompt: a string (verbatim) or a list of {role, content}
+    # packing: each micro-batch's completions packed into rows of pack_size tokens (null = the micro-batch's
+    # longest); padded otherwise
+
+    def __post_init__(self):
+        super().__post_init__()
+        _choice("model.data.data_impl", self.data_impl, ("jsonl", "parquet"))
+
+
+def _grpo_loop() -> LoopConfig:
+    return LoopConfig(val_check_interval=10, save_interval=50)  # NeMo-RL's GRPO validates every 10 steps
+
+
+def _grpo_optim() -> OptimConfig:  # TRL GRPOConfig: lr 1e-6, AdamW without weight decay; constant lr (NeMo-RL)
+    return OptimConfig(lr=1e-6, weight_decay=0.0, betas=[0.9, 0.999],
+                       sched=SchedConfig(name="constant", warmup_steps=0, constant_steps=0, min_lr=0.0))
+
+
+def _grpo_exp_manager() -> ExpManagerConfig:  # the best checkpoints are those with the highest val/reward
+    return ExpManagerConfig(checkpoint_callback_params=CheckpointParams(monitor="val_reward", mode="max"))
+
+
+@dataclass
+class GRPOTrainerConfig(TrainerConfig):
+    grpo: LoopConfig = field(default_factory=_grpo_loop)
+
+
+@dataclass
+class GRPOModelConfig(ModelConfig):
+    optim: OptimConfig = field(default_factory=_grpo_optim)
+    data: GRPODataConfig = field(default_factory=GRPODataConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        G = self.grpo.num_generations
+        if self.global_batch_size % G:
+            raise ValueError(f"model.global_batch_size={self.global_batch_size} counts completions and must be a "
+                             f"multiple of model.grpo.num_generations={G} (each prompt's group is whole)")
+
+
+@dataclass
+class GRPORunConfig(RunConfig):
+    """The whole of gpt_grpo.yaml."""
+
+    name: str = "megatron_gpt_grpo"
+    trainer: GRPOTrainerConfig = field(default_factory=GRPOTrainerConfig)
+    model: GRPOModelConfig = field(default_factory=GRPOModelConfig)
+    exp_manager: ExpManagerConfig = field(default_factory=_grpo_exp_manager)
 
 
 def _positive_int(key: str, value: int, minimum: int = 1, why: str = "") -> None:

@@ -13,7 +13,6 @@ log = logging.getLogger("nemo_aligner")
 # dotted key (relative to the run config) -> why it does nothing here
 IGNORED_KEYS = {
     "trainer.log_every_n_steps": "every step is logged to metrics.jsonl",
-    "exp_manager.checkpoint_callback_params.save_nemo_on_train_end": "the final model is always exported to hf/",
     "exp_manager.checkpoint_callback_params.always_save_nemo": "no .nemo files; checkpoints are DCP, exports HF",
     "exp_manager.checkpoint_callback_params.save_hf_every_checkpoint": "not implemented yet: only the final hf/",
     "exp_manager.checkpoint_callback_params.filename": "checkpoints are named step_<N>",

@@ -117,7 +117,7 @@ class CheckpointParams:
     save_top_k: int = 3  # keep the k best checkpoints by `monitor` (plus the latest, for resume)
     monitor: str = "val_loss"  # val_<metric> to rank checkpoints by
     mode: str = "min"  # min | max
-    save_nemo_on_train_end: bool = True  # kept for NeMo command lines: the final model is exported as HF
+    save_nemo_on_train_end: bool = True  # export the final model to <log_dir>/hf (Hugging Face; NeMo's .nemo); false = no export
     always_save_nemo: bool = False  # kept for NeMo command lines
     save_hf_every_checkpoint: bool = False  # also export a Hugging Face folder with every checkpoint
     filename: Optional[str] = None  # kept for NeMo command lines

@@ -256,13 +256,17 @@ class GPTModel(nn.Module):
         """[V, E] weight of the output projection (the embedding when they are shared)."""
         return self.embedding.weight if self.output_layer is None else self.output_layer.weight
 
-    def forward(self, inputs, position_ids=None, segment_ids=None):
+    def forward(self, inputs, position_ids=None, segment_ids=None, branch_ids=None):
         """inputs: token ids [B, T] (first stage) or hidden states [B, T, E]; returns hidden states [B, T, E].
 
         position_ids [B, T]: default 0..T-1, or restarting per sequence when segment_ids is given.
         segment_ids [B, T]: packed-sequence ids; attention is then block-diagonal causal.
+        branch_ids [B, T]: prefix groups (data.batch): 0 = shared by the segment's branches, k = branch k,
+        which reads the shared tokens and itself only; needs segment_ids and position_ids.
         """
         B, T = inputs.shape[:2]
+        if branch_ids is not None and (position_ids is None or segment_ids is None):
+            raise ValueError("branch_ids need position_ids and segment_ids (data.batch.layout_rows gives all three)")
         if position_ids is None:
             position_ids = (positions_from_segments(segment_ids) if segment_ids is not None
                             else torch.arange(T, device=inputs.device).expand(B, T))
@@ -270,7 +274,7 @@ class GPTModel(nn.Module):
         cos_sin = None
         if self.rotary is not None:
             cos_sin = self.rotary.cos_sin(position_ids, segment_ids, x_BTE.dtype)
-        contexts = self._attention_contexts(segment_ids, T, x_BTE.device, x_BTE.dtype)
+        contexts = self._attention_contexts(segment_ids, T, x_BTE.device, x_BTE.dtype, branch_ids, position_ids)
         for layer in self.layers.values():
             attention = layer.self_attention
             args = (x_BTE, cos_sin[attention.rope_table] if cos_sin is not None else None,
@@ -281,7 +285,7 @@ class GPTModel(nn.Module):
                 x_BTE = layer(*args)
         return self.final_norm(x_BTE) if self.final_norm is not None else x_BTE
 
-    def _attention_contexts(self, segment_ids, seq_len, device, dtype) -> dict:
+    def _attention_contexts(self, segment_ids, seq_len, device, dtype, branch_ids=None, position_ids=None) -> dict:
         """(window, varlen allowed) -> AttentionContext for the layers of this model (or stage), built once."""
         contexts = {}
         for layer in self.layers.values():
@@ -289,7 +293,8 @@ class GPTModel(nn.Module):
             key = (attention.sliding_window, attention.uses_varlen)
             if key not in contexts:
                 contexts[key] = build_attention_context(segment_ids, seq_len, attention.sliding_window, device,
-                                                        dtype, use_varlen=self.use_varlen and attention.uses_varlen)
+                                                        dtype, use_varlen=self.use_varlen and attention.uses_varlen,
+                                                        branch_ids_BT=branch_ids, position_ids_BT=position_ids)
         return contexts
 
     def _embed(self, inputs, position_ids):
@@ -339,9 +344,9 @@ class GPTModel(nn.Module):
             return False
         return bool((position_ids_BT == rotary.original_max_position_embeddings).any())
 
-    def logits(self, input_ids, position_ids=None, segment_ids=None) -> torch.Tensor:
+    def logits(self, input_ids, position_ids=None, segment_ids=None, branch_ids=None) -> torch.Tensor:
         """Full logits [B, T, V]; for users and tests (training computes log-probs in chunks instead)."""
-        hidden_BTE = self(input_ids, position_ids=position_ids, segment_ids=segment_ids)
+        hidden_BTE = self(input_ids, position_ids=position_ids, segment_ids=segment_ids, branch_ids=branch_ids)
         logits_BTV = F.linear(hidden_BTE, self.output_weight)
         cap = self.config.final_logit_softcapping
         return logits_BTV if cap is None else torch.tanh(logits_BTV / cap) * cap

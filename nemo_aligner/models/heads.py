@@ -17,7 +17,8 @@ from torch import nn
 
 
 class ModelWithHead(nn.Module):
-    """forward(inputs, labels, position_ids, segment_ids) -> the head's output (last stage) or hidden states.
+    """forward(inputs, labels, position_ids, segment_ids, branch_ids) -> the head's output (last stage) or hidden
+    states (the layout tensors are `data.batch.Batch.model_inputs()`).
 
     `model` may be a pruned pipeline stage: without `embedding` it takes hidden states, and with
     `head=None` (not the last stage) it returns hidden states for the next stage.
@@ -41,8 +42,8 @@ class ModelWithHead(nn.Module):
     def is_last(self) -> bool:
         return self.head is not None
 
-    def forward(self, inputs, labels=None, position_ids=None, segment_ids=None):
-        hidden_RTE = self.model(inputs, position_ids=position_ids, segment_ids=segment_ids)
+    def forward(self, inputs, labels=None, position_ids=None, segment_ids=None, branch_ids=None):
+        hidden_RTE = self.model(inputs, position_ids=position_ids, segment_ids=segment_ids, branch_ids=branch_ids)
         if self.head is None:
             return hidden_RTE.to(self.activation_dtype)
         return self.head(hidden_RTE, self.model.output_weight, labels)

@@ -29,7 +29,7 @@ def zeros_like_sums(sums: dict) -> dict:
 
 
 def run_module(module, batch):
-    return module(batch.input_ids, labels=batch.labels, segment_ids=batch.segment_ids)
+    return module(batch.input_ids, **batch.model_inputs())
 
 
 class PlainExecutor:

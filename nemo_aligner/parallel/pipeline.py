@@ -8,8 +8,9 @@ micro-batch holds whole pairs) go through one schedule step.
 Activations cross stages as [R, T, E] tensors of one fixed shape per run (static stage metadata, no
 shape inference per step): every micro-batch is padded to R rows and T tokens (T = the longest row
 in the data). Every pipeline rank of a data-parallel replica builds the same micro-batches, so the
-per-micro-batch position ids, packed-sequence ids (segment_ids) and labels reach each stage as
-stage kwargs alongside the activations it receives, with nothing extra on the wire.
+per-micro-batch position ids, packed-sequence ids (segment_ids), shared-prompt branch ids (branch_ids)
+and labels reach each stage as stage kwargs alongside the activations it receives, with nothing extra
+on the wire.
 
 The last stage emits the head's output (e.g. dense per-token log-probs); the loss and metrics are
 computed there (the algorithm's `loss(batch, outputs, num_units)`, as in the plain executor) and the
@@ -110,8 +111,9 @@ class PipelineExecutor:
                                num_real=len(batches) if num_real is None else num_real, reduce_fn=reduce_fn)
         kwargs = {"labels": torch.cat([b.labels for b in padded]),
                   "position_ids": torch.cat([_positions(b) for b in padded])}
-        if padded[0].segment_ids is not None:
-            kwargs["segment_ids"] = torch.cat([b.segment_ids for b in padded])
+        for name in ("segment_ids", "branch_ids"):  # packed rows, shared-prompt pairs (one layout per run)
+            if getattr(padded[0], name) is not None:
+                kwargs[name] = torch.cat([getattr(b, name) for b in padded])
         args = (torch.cat([b.input_ids for b in padded]),) if self.parallel.is_first_stage else ()
         target = torch.arange(len(padded), device=self.device)
         schedule = self._schedule(module, len(padded), rows, train=mode == "train")
@@ -157,6 +159,8 @@ class PipelineExecutor:
 
 
 def _positions(batch) -> torch.Tensor:
+    if batch.position_ids is not None:  # prefix groups: explicit positions
+        return batch.position_ids
     if batch.segment_ids is not None:
         return positions_from_segments(batch.segment_ids)
     R, T = batch.input_ids.shape

@@ -232,17 +232,24 @@ def train(start: RunStart, run, algorithm, train_data, val_data, loop_cfg, token
     logger.close()
     if result["stopped"] is not None:
         return stopped(start, result)
-    result["hf_dir"] = str(export(start, run, tokenizer, result["steps"]))
+    hf_dir = export(start, run, tokenizer, result["steps"])
+    result["hf_dir"] = str(hf_dir) if hf_dir else None
     log.info(summary(result, algorithm.headline_metrics, log_dir))
     release_lock(log_dir)
     return result
 
 
-def export(start: RunStart, run, tokenizer, step: int) -> Path:
-    """hf/ (LoRA: a PEFT adapter folder, or merged), any further models of the run (`run.exports()`: PPO's
-    critic/), then finished.json: a rerun of this command has nothing to do."""
+def export(start: RunStart, run, tokenizer, step: int) -> Path | None:
+    """hf/ (LoRA: a PEFT adapter folder, or merged) and any further models of the run (`run.exports()`: PPO's
+    critic/) unless the user turned it off (exp_manager.checkpoint_callback_params.save_nemo_on_train_end=false),
+    then finished.json: a rerun of this command has nothing to do (and writes nothing)."""
     if not weights_finite(run.model):
         raise NonFiniteError(f"step {step}: the weights hold NaN or inf values; nothing is exported")
+    if not start.cfg.exp_manager.checkpoint_callback_params.save_nemo_on_train_end:
+        log.info("no hf/ export: exp_manager.checkpoint_callback_params.save_nemo_on_train_end=false")
+        if start.parallel.is_rank_zero:
+            mark_finished(start.log_dir, step, None)
+        return None
     tokenizer = tokenizer or start.tokenizer
     hf_dir = export_hf(start.parallel, getattr(run, "actor", run.model), start.log_dir / "hf", tokenizer,
                        start.cfg.model.peft, start.restore)
@@ -288,7 +295,8 @@ def summary(result: dict, headline: tuple[str, ...], log_dir: Path) -> str:
         lines.append(f"  val at the end:      {fmt(result['val'])}")
     if result.get("test"):
         lines.append(f"  test:                {fmt(result['test'])}")
-    lines.append(f"  outputs: {log_dir}/metrics.jsonl, tensorboard/, checkpoints/, hf/, curves.png")
+    lines.append(f"  outputs: {log_dir}/metrics.jsonl, tensorboard/, checkpoints/, {'hf/, ' if result['hf_dir'] else ''}"
+                 "curves.png")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """Per-phase wall time and tokens of an online-RL step (generation, reference, policy, ...), logged as
 `time/<phase>` (seconds) and `tokens_per_sec/<phase>` (tokens the phase processed, over all data-parallel
-ranks, per second of this rank's time)."""
+ranks, per second of this rank's time). What a phase counts is its caller's choice; GRPO counts generated
+tokens for generation and the rows' real tokens (prompt + completion) for the reference and policy passes."""
 
 import time
 from contextlib import contextmanager

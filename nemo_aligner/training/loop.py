@@ -84,6 +84,15 @@ class TrainingPlan:
         return cls(sampler, max_steps, val_every, micro_batch_size)
 
 
+def validation_items(items: list, limit_val_batches, global_batch_size: int) -> list:
+    """The validation items every check reads: the first `limit_val_batches` global batches (int) or that
+    fraction of the items (float), in order."""
+    n = len(items)
+    count = (min(n, limit_val_batches * global_batch_size) if isinstance(limit_val_batches, int)
+             else max(1, int(n * limit_val_batches)))
+    return list(items[:count])
+
+
 @dataclass
 class LoopState:
     step: int = 0
@@ -200,8 +209,7 @@ class Trainer:
         limit = self.loop.limit_val_batches
         if self.val_data is None or limit == 0:
             return {}
-        n = len(self.val_data.items)
-        count = min(n, limit * self.sampler.global_batch_size) if isinstance(limit, int) else max(1, int(n * limit))
+        count = len(validation_items(self.val_data.items, limit, self.sampler.global_batch_size))
         metrics = (self.algorithm.validate(self.val_data, count, self.run) if is_online(self.algorithm)
                    else self.evaluate(self.val_data, count))
         check_finite(self.state.step, metrics, ("loss",), "val/", self._advice())
@@ -252,7 +260,9 @@ class Trainer:
         if initial_val:
             log.info("validation before training: %s", _fmt(initial_val))
             self._validated()
-        last_val, last_train, saved_at, stopped, self.last_test = {}, {}, None, None, {}
+        # a resumed run starts from a saved state: that state needs no second write if no step follows it
+        last_val, last_train, stopped, self.last_test = {}, {}, None, {}
+        saved_at = self.state.step if self.state.step > 0 else None
         start_time = time.perf_counter()
         while self.state.step < self.max_steps:
             t0 = time.perf_counter()

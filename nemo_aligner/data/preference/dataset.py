@@ -1,7 +1,9 @@
 """PreferenceDataset: every pair of the given files read, normalised and tokenised up front.
 
 Reference log-probs, when precomputed, are stored beside the pairs (`ref_chosen`, `ref_rejected`)
-and reach every micro-batch through the collate.
+and reach every micro-batch through the collate. `shared_prompt` says how a pair is laid out
+(`data.preference.collate`): its prompt once, read by both responses, or two whole sequences; the
+lengths packing and the pipeline's fixed shape use follow it.
 
 A pair whose chosen and rejected responses are the same tokens carries no preference (its DPO loss is
 log 2 whatever the model does, its gradient 0): when most pairs are like that the data is wrong and
@@ -23,11 +25,14 @@ log = logging.getLogger("nemo_aligner")
 
 class PreferenceDataset(TokenizedDataset):
     unit = "pairs"
-    pack_hint = "a pair occupies prompt + chosen + prompt + rejected tokens; use a pack size >= 2 x seq_length"
+    pack_hint = ("a pair occupies prompt + chosen + prompt + rejected tokens (prompt + 1 + chosen + rejected "
+                 "with model.data.shared_prompt); use a pack size >= 2 x seq_length")
 
-    def __init__(self, pairs: list, report, default_rewards=(1.0, 0.0), fingerprint: str = ""):
+    def __init__(self, pairs: list, report, default_rewards=(1.0, 0.0), fingerprint: str = "",
+                 shared_prompt: bool = False):
         super().__init__(pairs, report, fingerprint)
         self.default_rewards = default_rewards
+        self.shared_prompt = shared_prompt  # lay each pair out as one prefix group (the recipe decides)
         self.ref_chosen: np.ndarray | None = None  # precomputed reference log-probs [num_pairs]
         self.ref_rejected: np.ndarray | None = None
 
@@ -41,13 +46,20 @@ class PreferenceDataset(TokenizedDataset):
         rejected = pair.rejected_reward if pair.rejected_reward is not None else self.default_rewards[1]
         return chosen, rejected
 
+    def pack_lengths(self) -> np.ndarray:
+        if not self.shared_prompt:
+            return super().pack_lengths()
+        return np.array([pair.num_shared_tokens for pair in self.examples], dtype=np.int64)
+
     def padded_row_length(self, index: int) -> int:
         pair = self.examples[index]
+        if self.shared_prompt:  # one row per pair
+            return pair.num_shared_tokens
         return len(pair.prompt) + max(len(pair.chosen), len(pair.rejected))
 
     @classmethod
     def from_files(cls, files, tokenizer, settings: TokenizeSettings, columns: PreferenceColumns = PreferenceColumns(),
-                   default_rewards=(1.0, 0.0), name: str = "data") -> "PreferenceDataset":
+                   default_rewards=(1.0, 0.0), name: str = "data", shared_prompt: bool = False) -> "PreferenceDataset":
         identical = []
 
         def tokenize(example):
@@ -60,7 +72,7 @@ class PreferenceDataset(TokenizedDataset):
                                               tokenize, name)
         check_identical(identical, len(pairs), name)
         fingerprint = fingerprint_files(report.files, tokenizer.fingerprint(), settings.key(), columns.__dict__)
-        dataset = cls(pairs, report, default_rewards, fingerprint)
+        dataset = cls(pairs, report, default_rewards, fingerprint, shared_prompt)
         dataset.source_rows = source_rows
         return dataset
 

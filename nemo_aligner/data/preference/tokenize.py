@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nemo_aligner.data.batch import PrefixGroup
 from nemo_aligner.data.dataset import TokenizeSettings, with_bos, with_eos
 from nemo_aligner.data.rows import DataError
 from nemo_aligner.data.preference.rows import PreferenceExample
@@ -34,6 +35,24 @@ class TokenizedPair:
     @property
     def num_labels(self) -> int:
         return len(self.chosen) + len(self.rejected)
+
+    @property
+    def num_shared_tokens(self) -> int:
+        """Tokens of the pair laid out with a shared prompt (`prefix_group`): the prompt once, plus one."""
+        return len(self.prompt) + 1 + len(self.chosen) + len(self.rejected)
+
+    def prefix_group(self) -> PrefixGroup:
+        """The pair as one prefix group: prompt[:-1] shared, then per response the last prompt token and
+        the response. The last prompt token is repeated because its position predicts each response's first
+        token, a different target per branch; every other prompt position has no target, so sharing it
+        computes exactly what the two separate sequences compute."""
+        shared, last = self.prompt[:-1], self.prompt[-1:]
+        branches = []
+        for response in (self.chosen, self.rejected):
+            mask = np.ones(1 + len(response), dtype=bool)
+            mask[0] = False
+            branches.append((np.concatenate([last, response]), mask))
+        return PrefixGroup(shared, branches)
 
     def sequences(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """(token ids, label mask) of the chosen and the rejected sequence: labels on the response only."""

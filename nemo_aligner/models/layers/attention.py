@@ -1,13 +1,23 @@
 """Causal self-attention with grouped-query heads and packed-sequence (block-diagonal) masking.
 
-Shapes: B batch, T tokens, H query heads, G key/value groups, D head dim, N sequences in a pack.
+Shapes: B batch, T tokens, H query heads, G key/value groups, D head dim, N sequences in a pack,
+K gathered keys (varlen with branches).
 
 Packed sequences are described by `segment_ids_BT` (one id per token; equal ids = same sequence,
-sequences contiguous). Three kernels compute the same thing:
-- reference path (any device): `scaled_dot_product_attention` with an explicit boolean mask;
+sequences contiguous). Prefix groups (shared-prompt DPO pairs, `data.batch.PrefixGroup`) add
+`branch_ids_BT` and explicit `position_ids_BT`: in a segment, branch 0 is the shared prefix and
+branch k >= 1 reads the prefix and itself, not the other branches; a sliding window counts positions,
+not row offsets (a rejected response's positions restart after the prompt). Three kernels compute the
+same thing:
+- reference path (any device, the tested one): `scaled_dot_product_attention` with an explicit boolean
+  mask (same segment, causal, branch rule, window);
 - CUDA path: `torch.nn.attention.varlen.varlen_attn` (flash) over cumulative sequence lengths,
   used when attention runs on CUDA in fp16/bf16 (half-precision weights, or fp32 weights under
-  autocast, i.e. bf16-mixed) and the kernel exists; anything else falls back;
+  autocast, i.e. bf16-mixed) and the kernel exists; anything else falls back. With branches, each run
+  of one (segment, branch) is a query sequence whose keys are its segment's shared prefix followed by
+  the run itself, gathered (`kv_index_K`, `cu_seqlens_k_N1`); flash aligns a query sequence shorter than
+  its keys to the bottom right, so a branch's query i sees the prefix and its own keys up to i, and
+  the window counts key offsets, which are positions there;
 - soft-capped scores (Gemma 2's attn_logit_softcapping): neither SDPA nor flash varlen can cap the
   scores, so such a layer materialises them (matmul, cap, mask, fp32 softmax) on every device, packed
   or not, with the same boolean mask as the reference path; that explicit path is its reference.
@@ -51,6 +61,9 @@ class AttentionContext:
     max_seqlen: int = 0
     sliding_window: int | None = None  # varlen path: the window of the layers this context is for
     compute_dtype: torch.dtype | None = None  # varlen path: q/k/v are cast to this (the kernel has no autocast)
+    kv_index_K: torch.Tensor | None = None  # varlen with branches: flat token index of each gathered key
+    cu_seqlens_k_N1: torch.Tensor | None = None  # varlen with branches: key boundaries over kv_index_K
+    max_seqlen_k: int = 0
 
 
 def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -75,8 +88,14 @@ def build_attention_context(
     device: torch.device,
     dtype: torch.dtype,
     use_varlen: bool = True,
+    branch_ids_BT: torch.Tensor | None = None,
+    position_ids_BT: torch.Tensor | None = None,
 ) -> AttentionContext:
+    """How the layers with `sliding_window` attend over this batch layout: plain causal, packed segments,
+    or prefix groups (`branch_ids_BT` with `segment_ids_BT` and `position_ids_BT`)."""
     window = sliding_window if sliding_window is not None and sliding_window < seq_len else None
+    if branch_ids_BT is not None:
+        return _branch_context(segment_ids_BT, branch_ids_BT, position_ids_BT, window, device, dtype, use_varlen)
     if segment_ids_BT is None:
         if window is None:
             return AttentionContext()
@@ -89,6 +108,65 @@ def build_attention_context(
     same_segment_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
     mask_B1TT = (same_segment_BTT & _causal_mask(seq_len, window, device))[:, None]
     return AttentionContext(mask_B1TT=mask_B1TT)
+
+
+def _branch_context(segment_ids_BT, branch_ids_BT, position_ids_BT, window, device, dtype, use_varlen):
+    if segment_ids_BT is None or position_ids_BT is None:
+        raise ValueError("branch_ids need segment_ids and position_ids (data.batch.layout_rows gives all three)")
+    compute_dtype = attention_dtype(device, dtype)
+    if use_varlen and varlen_available(device, compute_dtype):
+        return _branch_varlen_context(segment_ids_BT, branch_ids_BT, window, compute_dtype)
+    return AttentionContext(mask_B1TT=branch_mask(segment_ids_BT, branch_ids_BT, position_ids_BT, window)[:, None])
+
+
+def branch_mask(segment_ids_BT, branch_ids_BT, position_ids_BT, window: int | None = None) -> torch.Tensor:
+    """[B, T, T] query-key pairs allowed with prefix groups: same segment, causal in the row, the key shared
+    (branch 0) or in the query's own branch, and (window) fewer than `window` positions back."""
+    T = segment_ids_BT.shape[1]
+    idx = torch.arange(T, device=segment_ids_BT.device)
+    allowed_BTT = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]) & (idx[None, :] <= idx[:, None])[None]
+    key_b_B1T = branch_ids_BT[:, None, :]
+    allowed_BTT &= (key_b_B1T == 0) | (key_b_B1T == branch_ids_BT[:, :, None])
+    if window is not None:
+        allowed_BTT &= position_ids_BT[:, :, None] - position_ids_BT[:, None, :] < window
+    return allowed_BTT
+
+
+def _branch_varlen_context(segment_ids_BT, branch_ids_BT, window, compute_dtype) -> AttentionContext:
+    """Query sequences = runs of one (segment, branch) over the flattened batch; a branch's keys are its
+    segment's shared run (which precedes it in the row) followed by its own tokens, gathered by index."""
+    B, T = segment_ids_BT.shape
+    device = segment_ids_BT.device
+    seg_N, branch_N = segment_ids_BT.reshape(-1), branch_ids_BT.reshape(-1)
+    starts_N = torch.ones_like(seg_N, dtype=torch.bool)
+    starts_N[1:] = (seg_N[1:] != seg_N[:-1]) | (branch_N[1:] != branch_N[:-1])
+    starts_N[::T] = True  # a run never crosses rows
+    run_starts = torch.nonzero(starts_N, as_tuple=False).squeeze(-1)
+    run_lengths = torch.diff(torch.cat([run_starts, run_starts.new_tensor([B * T])]))
+    run_branch = branch_N[run_starts]
+    # the shared run a branch reads: the latest branch-0 run at or before it within its segment
+    new_segment = torch.ones_like(run_starts, dtype=torch.bool)
+    new_segment[1:] = (seg_N[run_starts[1:]] != seg_N[run_starts[:-1]]) | (run_starts[1:] % T == 0)
+    is_shared_run = (run_branch == 0) & new_segment
+    run_idx = torch.arange(len(run_starts), device=device)
+    shared_run = torch.cummax(torch.where(is_shared_run, run_idx, torch.full_like(run_idx, -1)), dim=0).values
+    segment_run = torch.cummax(torch.where(new_segment, run_idx, torch.zeros_like(run_idx)), dim=0).values
+    has_prefix = (run_branch > 0) & (shared_run >= segment_run) & (shared_run >= 0)
+    prefix_len = torch.where(has_prefix, run_lengths[shared_run.clamp(min=0)], torch.zeros_like(run_lengths))
+    prefix_start = run_starts[shared_run.clamp(min=0)]
+    k_lengths = prefix_len + run_lengths
+    max_q, max_k, num_keys = torch.stack([run_lengths.max(), k_lengths.max(), k_lengths.sum()]).tolist()  # one sync
+    # gathered keys, run after run: j < prefix_len -> prefix_start + j, else run_start + j - prefix_len
+    key_run_K = torch.repeat_interleave(run_idx, k_lengths, output_size=num_keys)
+    k_offsets = torch.cumsum(k_lengths, 0) - k_lengths
+    j_K = torch.arange(num_keys, device=device) - k_offsets[key_run_K]
+    in_prefix_K = j_K < prefix_len[key_run_K]
+    kv_index_K = torch.where(in_prefix_K, prefix_start[key_run_K] + j_K,
+                             run_starts[key_run_K] + j_K - prefix_len[key_run_K])
+    cu_q = torch.cat([run_starts, run_starts.new_tensor([B * T])]).to(torch.int32)
+    cu_k = torch.cat([k_lengths.new_zeros(1), torch.cumsum(k_lengths, 0)]).to(torch.int32)
+    return AttentionContext(cu_seqlens_N1=cu_q, max_seqlen=max_q, sliding_window=window, compute_dtype=compute_dtype,
+                            kv_index_K=kv_index_K, cu_seqlens_k_N1=cu_k, max_seqlen_k=max_k)
 
 
 def _causal_mask(seq_len: int, window: int | None, device) -> torch.Tensor:
@@ -193,9 +271,14 @@ class SelfAttention(nn.Module):
         # Flash's window (left, right): query i sees keys i-left..i+right, so W keys is (W - 1, 0),
         # the same set as the mask path's i - j < W; (-1, 0) is plain causal.
         window = (ctx.sliding_window - 1, 0) if ctx.sliding_window else (-1, 0)
+        k_NGD, v_NGD = flat(k_BGTD), flat(v_BGTD)
+        cu_k, max_k = ctx.cu_seqlens_N1, ctx.max_seqlen
+        if ctx.kv_index_K is not None:  # branches: each query run reads its shared prefix, then itself
+            k_NGD, v_NGD = k_NGD[ctx.kv_index_K], v_NGD[ctx.kv_index_K]
+            cu_k, max_k = ctx.cu_seqlens_k_N1, ctx.max_seqlen_k
         out = _varlen_attn(
-            flat(q_BHTD), flat(k_BGTD), flat(v_BGTD), ctx.cu_seqlens_N1, ctx.cu_seqlens_N1,
-            ctx.max_seqlen, ctx.max_seqlen, scale=self.softmax_scale, window_size=window,
+            flat(q_BHTD), k_NGD, v_NGD, ctx.cu_seqlens_N1, cu_k,
+            ctx.max_seqlen, max_k, scale=self.softmax_scale, window_size=window,
             enable_gqa=q_BHTD.shape[1] != k_BGTD.shape[1],
         )
         return out.view(B, T, H, D)
