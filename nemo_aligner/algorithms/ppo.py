@@ -37,7 +37,6 @@ from nemo_aligner.losses.ppo import (
     apply_missing_eos_penalty, clipped_policy_terms, clipped_value_terms, gae, kl_estimate, masked_sum,
     reduce_ppo_metrics, rollout_metric_sums, token_rewards, whiten_advantages, whiten_rewards,
 )
-from nemo_aligner.models.score import ScoreHead
 from nemo_aligner.rollout import (
     VALIDATION_STREAM, PhaseTimes, Rollout, RolloutBatch, collate_rollout, gather_objects, generate_rollouts,
     per_sequence, rank_share, step_seed,
