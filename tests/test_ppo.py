@@ -238,3 +238,20 @@ def test_lora_actor_uses_the_adapters_off_reference(tmp_path, hf_reward_model):
     assert rows[0]["train/objective/kl"] == pytest.approx(0.0, abs=1e-6) and rows[1]["train/objective/kl"] != 0.0
     assert (Path(result["hf_dir"]) / "adapter_config.json").is_file()
     assert (tmp_path / "critic/model.safetensors").is_file() and not (tmp_path / "critic/adapter_config.json").exists()
+
+
+def test_entry_script_reports_a_bad_key_in_one_line(tmp_path):
+    """train_gpt_ppo.py checks the config before anything runs (the demo's reward model is not trained first)."""
+    import os
+    import subprocess
+    import sys
+
+    script = ROOT / "examples/nlp/gpt/train_gpt_ppo.py"
+    out = subprocess.run([sys.executable, str(script), "model.ppo.num_rollout_samples=24", "model.global_batch_size=16",
+                          f"exp_manager.explicit_log_dir={tmp_path}/run"], capture_output=True, text=True,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines == ["config error: model.ppo.num_rollout_samples=24 is not a multiple of model.global_batch_size=16 "
+                     "(the mini-batch of one optimiser step)"], out.stderr
+    assert not (tmp_path / "results").exists()

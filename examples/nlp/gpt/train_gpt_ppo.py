@@ -21,36 +21,34 @@ from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from nemo_aligner.config import PPORunConfig, RMRunConfig, load_config
 from nemo_aligner.config.presets import is_demo_run, with_preset
 from nemo_aligner.recipes.ppo import run_ppo
 from nemo_aligner.recipes.rm import run_rm
-from nemo_aligner.recipes.skeleton import main_entry, setup_logging, user_errors_exit
+from nemo_aligner.recipes.skeleton import main_entry
 
 CONF = Path(__file__).resolve().parent / "conf"
 ConfigStore.instance().store(name="ppo_schema", node=PPORunConfig)
 
 
-def demo_reward_model(raw: DictConfig) -> None:
+def with_demo_reward_model(cfg: PPORunConfig) -> dict:
     """The demo scores with the reward model that train_reward_model.py's own demo trains: trained here first,
-    exactly as that script would (same preset, same log dir), when its hf/ is not there yet."""
-    preset = OmegaConf.load(CONF / "demo" / "gpt_ppo.yaml")
-    wanted = OmegaConf.select(raw, "reward_model.restore_from_path") or preset.reward_model.restore_from_path
-    if Path(wanted).is_dir():
-        return
-    setup_logging()
-    with user_errors_exit():
-        run_rm(load_config(with_preset({}, CONF / "demo" / "training_rm.yaml"), RMRunConfig))
+    exactly as that script would (same preset, same log dir), when its hf/ is not there yet; then PPO."""
+    rm_demo = load_config(with_preset({}, CONF / "demo" / "training_rm.yaml"), RMRunConfig)
+    wanted = Path(cfg.reward_model.restore_from_path)
+    if wanted == Path(rm_demo.exp_manager.explicit_log_dir) / "hf" and not wanted.is_dir():
+        run_rm(rm_demo)
+    return run_ppo(cfg)
 
 
 @hydra.main(config_path="conf", config_name="gpt_ppo", version_base="1.3")
 def main(raw: DictConfig) -> None:
-    if is_demo_run(raw):
-        demo_reward_model(raw)
-    # demo preset with no checkpoint and no data; one-line user errors (exit 1); exit 75 when stopped to resume
-    main_entry(raw, PPORunConfig, run_ppo, demo=CONF / "demo" / "gpt_ppo.yaml")
+    # demo preset with no checkpoint and no data (its reward model trained first when missing, after the config
+    # is checked); one-line user errors (exit 1); exit 75 when stopped to resume
+    run = with_demo_reward_model if is_demo_run(raw) else run_ppo
+    main_entry(raw, PPORunConfig, run, demo=CONF / "demo" / "gpt_ppo.yaml")
 
 
 if __name__ == "__main__":
