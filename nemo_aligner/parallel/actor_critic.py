@@ -23,13 +23,48 @@ from pathlib import Path
 
 from torch import nn
 
-from nemo_aligner.models.hf import load_pretrained
+from nemo_aligner.data.tokenizer import Tokenizer
+from nemo_aligner.models.hf import config_from_pretrained, load_pretrained
+from nemo_aligner.models.hf.common import check_weight_files
 from nemo_aligner.models.hf.peft import ADAPTER_CONFIG
 from nemo_aligner.models.score import SEQUENCE_CLASSIFICATION, ScoreHead
 from nemo_aligner.parallel.executor import accumulate
 from nemo_aligner.parallel.run import ParallelRun, stage_pruner
 
 log = logging.getLogger("nemo_aligner")
+PROBE = "The quick brown fox: 12 + 30 = 42? Yes! <tag> \u00e9t\u00e9"  # any text; its ids must agree
+PEFT_CRITIC = ("a PEFT adapter folder; the critic trains every weight, so give a full model folder (a reward model "
+               "trained with model.peft.merge_on_export=true, or any *ForSequenceClassification / causal-LM folder)")
+
+
+def check_scoring_folders(reward_path, critic_path, tokenizer) -> None:
+    """Before any model is read: the reward model's folder (full, or PEFT SEQ_CLS adapters over their base) and
+    the critic's (a full folder: it trains every weight) exist and open, and give the policy's token ids."""
+    for path, key in ((Path(reward_path), "reward_model.restore_from_path"), (Path(critic_path), "critic.restore_from_path")):
+        if not path.is_dir():
+            raise ValueError(f"{key}={path}: not found; expected a *ForSequenceClassification (or causal-LM) folder")
+        adapters = (path / ADAPTER_CONFIG).is_file()
+        if adapters and key.startswith("critic"):
+            raise ValueError(f"{key}={path}: {PEFT_CRITIC}")
+        if not adapters:
+            try:
+                config_from_pretrained(path)
+                check_weight_files(path)
+            except (ValueError, OSError) as err:
+                raise ValueError(f"{key}={path}: {err}") from None
+        check_same_tokenizer(tokenizer, path, key)
+
+
+def check_same_tokenizer(tokenizer, folder: Path, key: str) -> None:
+    """The reward model and the critic read the policy's token ids: their folder's tokenizer (when it has one)
+    must give the same ids."""
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
+        return
+    other = Tokenizer.from_path(folder)
+    if other.vocab_size != tokenizer.vocab_size or other.encode(PROBE) != tokenizer.encode(PROBE):
+        raise ValueError(f"{key}={folder}: its tokenizer differs from the policy's ({other.vocab_size} vs "
+                         f"{tokenizer.vocab_size} tokens, or other ids); PPO scores the policy's token ids, so "
+                         "the reward model and critic must share the policy's tokenizer")
 
 
 def load_critic(path, parallel, *, seed: int, key: str = "critic.restore_from_path"):
@@ -39,9 +74,7 @@ def load_critic(path, parallel, *, seed: int, key: str = "critic.restore_from_pa
     if not path.is_dir():
         raise ValueError(f"{key}={path}: not found; expected a *ForSequenceClassification or causal-LM folder")
     if (path / ADAPTER_CONFIG).is_file():
-        raise ValueError(f"{key}={path}: a PEFT adapter folder; the critic trains every weight, so give a full "
-                         "model folder (a reward model trained with model.peft.merge_on_export=true, or any "
-                         "*ForSequenceClassification / causal-LM folder)")
+        raise ValueError(f"{key}={path}: {PEFT_CRITIC}")
     try:
         model = load_pretrained(path, dtype="fp32", device=parallel.device, prune=stage_pruner(parallel),
                                 task=SEQUENCE_CLASSIFICATION, seed=seed)

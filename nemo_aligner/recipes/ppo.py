@@ -8,7 +8,6 @@ hf/ (the actor) and critic/ (a `<Family>ForSequenceClassification` folder).
 
 import copy
 import logging
-from pathlib import Path
 
 from nemo_aligner.algorithms.ppo import PPOAlgorithm, PPOSettings
 from nemo_aligner.config.ppo import PPORunConfig
@@ -16,29 +15,12 @@ from nemo_aligner.data.layout import layout
 from nemo_aligner.data.prompts import PromptDataset, prompt_settings
 from nemo_aligner.generation import Sampler
 from nemo_aligner.generation.prompts import eos_token_ids
-from nemo_aligner.data.tokenizer import Tokenizer
-from nemo_aligner.parallel.actor_critic import ActorCriticRun, load_critic
-from nemo_aligner.recipes.skeleton import (
-    build_policy, build_run, check_pretrained_folder, log_reports, start_run, train, used_splits,
-)
+from nemo_aligner.parallel.actor_critic import ActorCriticRun, check_scoring_folders, load_critic
+from nemo_aligner.recipes.skeleton import build_policy, build_run, log_reports, start_run, train, used_splits
 from nemo_aligner.rewards.reward_model import RewardModel
 from nemo_aligner.rollout import RolloutReference
 
 log = logging.getLogger("nemo_aligner")
-PROBE = "The quick brown fox: 12 + 30 = 42? Yes! <tag> \u00e9t\u00e9"  # any text; its ids must agree
-
-
-def check_same_tokenizer(tokenizer, folder, key: str) -> None:
-    """The reward model and the critic read the policy's token ids: their folder's tokenizer (when it has one)
-    must give the same ids."""
-    path = Path(folder)
-    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
-        return
-    other = Tokenizer.from_path(path)
-    if other.vocab_size != tokenizer.vocab_size or other.encode(PROBE) != tokenizer.encode(PROBE):
-        raise ValueError(f"{key}={folder}: its tokenizer differs from the policy's ({other.vocab_size} vs "
-                         f"{tokenizer.vocab_size} tokens, or other ids); PPO scores the policy's token ids, so "
-                         "the reward model and critic must share the policy's tokenizer")
 
 
 def load_layouts(cfg: PPORunConfig, tokenizer, settings: PPOSettings):
@@ -71,10 +53,7 @@ def setup_reference(cfg: PPORunConfig, run, algorithm, reference_copy):
 def run_ppo(cfg: PPORunConfig) -> dict:
     cfg.check_reward_model()
     start = start_run(cfg)
-    for path, key in ((cfg.reward_model.restore_from_path, "reward_model.restore_from_path"),
-                      (cfg.critic_path, "critic.restore_from_path")):
-        check_pretrained_folder(path, key)  # before any model is read
-        check_same_tokenizer(start.tokenizer, path, key)
+    check_scoring_folders(cfg.reward_model.restore_from_path, cfg.critic_path, start.tokenizer)
     ppo = cfg.model.ppo
     settings = PPOSettings.from_config(ppo, cfg.model.seq_length, cfg.model.global_batch_size)
     train_data, val_data = load_layouts(cfg, start.tokenizer, settings)
