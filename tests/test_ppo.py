@@ -33,8 +33,13 @@ FAST = [
 
 @pytest.fixture(autouse=True)
 def _quiet(monkeypatch):
+    """One thread (tiny matmuls only lose from more), no PNG (seconds per run, not what these tests check);
+    both put back afterwards."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     monkeypatch.setattr("nemo_aligner.training.logging.plot_curves", lambda *args, **kwargs: None)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_hf_reward_model(folder: Path):
