@@ -280,3 +280,31 @@ def test_packed_rollouts_train_as_padded_ones(tmp_path):
     for p, q in zip(metrics(tmp_path / "padded"), metrics(tmp_path / "packed")):
         for key in keep:
             assert q[f"train/{key}"] == pytest.approx(p[f"train/{key}"], rel=1e-4, abs=1e-6), key
+
+
+def test_with_lora_the_reference_is_the_policy_with_adapters_off(tmp_path):
+    run(tmp_path, "model.peft.peft_scheme=lora", "model.peft.lora_tuning.adapter_dim=4", "model.grpo.beta=0.04",
+        "model.optim.lr=5e-2", "trainer.grpo.max_steps=3")
+    rows = metrics(tmp_path)
+    assert rows[0]["train/kl"] == pytest.approx(0.0, abs=1e-9)  # adapters start at zero: policy == reference
+    assert rows[-1]["train/kl"] > 0 and (tmp_path / "hf/adapter_config.json").is_file()
+
+
+def test_validation_samples_work_on_prompt_data(tmp_path):
+    run(tmp_path, "trainer.grpo.limit_val_batches=1", "exp_manager.val_samples.num_prompts=2",
+        "exp_manager.val_samples.max_new_tokens=3")
+    assert "val/reward" in metrics(tmp_path)[-1]
+    samples = [json.loads(line) for line in (tmp_path / "val_samples.jsonl").read_text().splitlines()]
+    assert samples and "color" in json.dumps(samples[0])
+
+
+def test_mini_batches_split_each_pass_into_optimiser_steps(tmp_path, monkeypatch):
+    from nemo_aligner.algorithms.grpo import GRPOAlgorithm
+    from nemo_aligner.training.loop import Trainer
+
+    updates, update = [], Trainer._update
+    monkeypatch.setattr(GRPOAlgorithm, "num_mini_batches", 2, raising=False)  # PPO's num_mini_batches
+    monkeypatch.setattr(Trainer, "_update", lambda self, b: (updates.append(sum(x.num_sequences for x in b)),
+                                                             update(self, b))[1])
+    run(tmp_path, "model.grpo.num_iterations=2", "model.micro_batch_size=4")
+    assert updates == [8, 8, 8, 8] * 2  # 2 steps x 2 passes x 2 mini-batches of 8 completions

@@ -6,7 +6,6 @@ norms and the completions' lengths match the single-process run."""
 import json
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.test_distributed import _free_ports
 from tests.test_grpo import grpo_config
 
 LAYOUTS = {"dp2": ["trainer.devices=2"], "tp2": ["trainer.devices=2", "model.tensor_model_parallel_size=2"]}
@@ -25,15 +25,16 @@ TIMING = ("time/", "tokens_per_sec", "step_time")
 
 
 def _run(log_dir, *overrides):
-    import nemo_aligner.training.logging as logging_module
     from nemo_aligner.recipes.grpo import run_grpo
 
-    logging_module.plot_curves = lambda *args, **kwargs: None
     torch.set_num_threads(1)
     return run_grpo(grpo_config(log_dir, *COMMON, *overrides))
 
 
 def _worker(rank: int, root: str, ports: dict):
+    import nemo_aligner.training.logging as logging_module
+
+    logging_module.plot_curves = lambda *args, **kwargs: None  # a spawned process of its own: nothing leaks
     for name, overrides in LAYOUTS.items():
         os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(ports[name]))
@@ -41,16 +42,6 @@ def _worker(rank: int, root: str, ports: dict):
         dist.destroy_process_group()
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(key, None)
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _metrics(log_dir) -> list[dict]:
@@ -63,7 +54,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo_distributed")
     threads = torch.get_num_threads()
     try:
-        _run(root / "single")
+        with pytest.MonkeyPatch.context() as patch:  # the PNG takes seconds and is not what this checks
+            patch.setattr("nemo_aligner.training.logging.plot_curves", lambda *args, **kwargs: None)
+            _run(root / "single")
     finally:
         torch.set_num_threads(threads)
     mp.spawn(_worker, args=(str(root), dict(zip(LAYOUTS, _free_ports(len(LAYOUTS))))), nprocs=2, join=True)

@@ -116,6 +116,21 @@ def test_scores_rise_with_a_transformers_reward_model_and_critic(tmp_path, hf_re
     assert actor.config.vocab_size == 400
 
 
+def test_mini_batches_are_optimiser_steps_of_each_epoch(tmp_path, hf_reward_model, monkeypatch):
+    """num_rollout_samples = 2 x global_batch_size: 2 mini-batches, so num_ppo_epochs=3 makes 6 optimiser steps per
+    step, each on 16 of the 32 completions (a seeded shuffle of the rollout, then contiguous parts)."""
+    from nemo_aligner.training.loop import Trainer
+
+    sizes = []
+    original = Trainer._update
+    monkeypatch.setattr(Trainer, "_update", lambda self, batches: sizes.append(sum(b.num_examples for b in batches))
+                        or original(self, batches))
+    run(tmp_path, hf_reward_model[0], "trainer.ppo.max_steps=1", "model.ppo.num_rollout_samples=32",
+        "model.ppo.num_ppo_epochs=3", "exp_manager.create_checkpoint_callback=false")
+    assert sizes == [16] * 6
+    assert train_rows(tmp_path)[0]["train/consumed_samples"] == 32
+
+
 def test_kl_coef_zero_runs_no_reference_pass(tmp_path, hf_reward_model, monkeypatch):
     from nemo_aligner.rollout import RolloutReference
 

@@ -154,20 +154,3 @@ def test_actor_and_critic_losses_read_each_completions_own_targets(packed):
     assert torch.allclose(loss, (want_pg - 0.01 * entropy) / num_tokens, atol=1e-6)
     assert torch.allclose(vloss, settings.vf_coef * want_vf / num_tokens, atol=1e-6)
     assert float(sums["tokens"]) == 9 and algorithm.num_units(batch) == 9
-
-
-def test_mini_batches_partition_each_epoch():
-    from nemo_aligner.algorithms.ppo import PPOAlgorithm, PPOSettings
-
-    base = {k: getattr(PPOConfig(), k) for k in ("kl_coef", "kl_estimator", "use_absolute_kl", "missing_eos_penalty",
-            "whiten_rewards", "gamma", "lam", "whiten_advantages", "cliprange", "cliprange_value", "vf_coef",
-            "entropy_bonus", "temperature")}
-    settings = PPOSettings(num_ppo_epochs=2, num_mini_batches=4, max_new_tokens=8, top_k=0, top_p=1.0,
-                           end_strings=[], **base)
-    algorithm = PPOAlgorithm(settings, pad_id=0, seed=1, num_rollout_samples=16, forward_micro_batch_size=4)
-    assert algorithm.num_iterations == 8
-    local = list(range(16))
-    epochs = [[algorithm.pass_items(k, local) for k in range(e * 4, e * 4 + 4)] for e in range(2)]
-    for parts in epochs:
-        assert sorted(i for p in parts for i in p) == local and all(len(p) == 4 for p in parts)
-    assert epochs[0] != epochs[1]  # each epoch its own permutation

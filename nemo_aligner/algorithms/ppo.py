@@ -179,7 +179,9 @@ class PPOAlgorithm:
         self.settings, self.pad_id, self.seed = settings, pad_id, seed
         self.num_val_samples = num_val_samples
         self.items_per_step = num_rollout_samples  # prompts per step, one completion each
-        self.num_iterations = settings.num_ppo_epochs * settings.num_mini_batches  # optimiser steps per step
+        # the loop's online step: num_iterations passes, each one optimiser step per mini-batch (contiguous
+        # parts of every rank's rollout, which `rollout` shuffles once per step)
+        self.num_iterations, self.num_mini_batches = settings.num_ppo_epochs, settings.num_mini_batches
         self.forward_micro_batch_size, self.packed, self.pack_size = forward_micro_batch_size, packed, pack_size
         self.critic_loss = CriticLoss(settings)
         self.engine = self.reward_model = self.reference = None
@@ -221,16 +223,6 @@ class PPOAlgorithm:
         return out
 
     # ------------------------------------------------------------------ online
-    def pass_items(self, k: int, local: list[int]) -> list[int]:
-        """The completions (this rank's) of optimiser step k of the current step: epoch k // M, mini-batch k % M
-        of a permutation seeded by (seed, step, epoch); M = 1 keeps them in order."""
-        M = self.settings.num_mini_batches
-        if M == 1:
-            return list(local)
-        epoch, part = divmod(k, M)
-        order = np.random.default_rng([self.seed, self._step, epoch]).permutation(len(local))
-        return [local[i] for i in np.array_split(order, M)[part]]
-
     def sync_weights(self, model) -> None:
         self.engine.sync_weights(getattr(model, "actor", model))
 
@@ -264,6 +256,7 @@ class PPOAlgorithm:
             if phase in times.seconds:
                 times.add_tokens(phase, num_tokens)
         targets, has_eos_B, lengths_B = self._targets(dataset, scores_S, dp)
+        self._shuffle(dataset, step, dp.rank)
         metrics = {**rollout_metrics(targets.sums), **completion_metrics(lengths_B, ~has_eos_B),
                    "val/num_eos_tokens": float(has_eos_B.sum()), **self._episodes_per_second(len(items))}
         return Rollout(dataset, metrics, times)
@@ -276,6 +269,14 @@ class PPOAlgorithm:
         started, done = self._clock
         self._clock = (started, done + num_completions)
         return {"eps": done / (now - started)} if done else {}
+
+    def _shuffle(self, dataset, step: int, rank: int) -> None:
+        """With several mini-batches, this rank's completions in a seeded order (seed, step, rank), so the loop's
+        contiguous mini-batches are random subsets (TRL draws a new permutation every epoch; here the step's
+        epochs share one)."""
+        if self.num_mini_batches > 1:
+            order = np.random.default_rng([self.seed, step, rank]).permutation(len(dataset.examples))
+            dataset.examples[:] = [dataset.examples[i] for i in order]
 
     def _micro_batches(self, dataset) -> list:
         local = list(range(len(dataset)))

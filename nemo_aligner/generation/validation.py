@@ -20,7 +20,10 @@ SAMPLES_FILE = "val_samples.jsonl"
 
 
 def example_prompt_ids(example) -> list[int]:
-    """The prompt of a tokenised example: a preference pair's `prompt`, else the tokens before the first label."""
+    """The prompt of a tokenised example: an online-RL prompt's `prompt_ids`, a preference pair's `prompt`, else
+    the tokens before the first label."""
+    if hasattr(example, "prompt_ids"):
+        return [int(t) for t in example.prompt_ids]
     if hasattr(example, "prompt"):
         return [int(t) for t in example.prompt]
     first_label = int(example.label_mask.argmax())

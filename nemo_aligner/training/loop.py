@@ -164,23 +164,26 @@ class Trainer:
 
     def online_step(self, items: list) -> dict:
         """Online RL: the algorithm turns the step's prompt items into this rank's rollout (generation,
-        rewards, advantages, reference log-probs), then num_iterations optimiser passes run over it, the
-        engine's weights synced after each. The schedule advances once per step (the passes share its lr);
-        pass metrics are averaged, the rollout's and the per-phase times added."""
+        rewards, advantages, reference log-probs), then num_iterations passes run over it, each one optimiser
+        step per mini-batch (algorithm.num_mini_batches contiguous parts of every rank's rollout, default 1),
+        the engine's weights synced after each. The schedule advances once per step (the updates share its
+        lr); update metrics are averaged, the rollout's and the per-phase times added."""
         rollout = self.algorithm.rollout(self.train_data.dataset, items, self.state.step, self.run)
         self.model.train()
         local = list(range(len(rollout.dataset)))
-        choose = getattr(self.algorithm, "pass_items", None)  # optional: pass k's completions (PPO's mini-batches)
+        num_mini = getattr(self.algorithm, "num_mini_batches", 1)
+        assert len(local) % num_mini == 0, "the algorithm checks that its rollout splits into its mini-batches"
+        per_mini = len(local) // num_mini
         passes = []
-        for k in range(self.algorithm.num_iterations):
-            chosen = choose(k, local) if choose is not None else local
-            micro = [chosen[i:i + self.micro_batch_size] for i in range(0, len(chosen), self.micro_batch_size)]
-            with rollout.times.phase("policy"):
-                # rebuilt per pass: the first pass records the rollout policy's log-probs for the next ones
-                batches = [self.algorithm.make_batch(rollout.dataset, m, self.train_data.packed) for m in micro]
-                passes.append(self._update(batches))
-                self.algorithm.sync_weights(self.model)
-            rollout.times.add_tokens("policy", passes[-1]["tokens"])
+        for _ in range(self.algorithm.num_iterations):
+            for mini in (local[k * per_mini:(k + 1) * per_mini] for k in range(num_mini)):
+                micro = [mini[i:i + self.micro_batch_size] for i in range(0, len(mini), self.micro_batch_size)]
+                with rollout.times.phase("policy"):
+                    # rebuilt per pass: the first pass records the rollout policy's log-probs for the next ones
+                    batches = [self.algorithm.make_batch(rollout.dataset, m, self.train_data.packed) for m in micro]
+                    passes.append(self._update(batches))
+                    self.algorithm.sync_weights(self.model)
+                rollout.times.add_tokens("policy", passes[-1]["tokens"])
         self.scheduler.step()
         metrics = {k: sum(p[k] for p in passes) / len(passes) for k in passes[0] if k != "tokens"}
         metrics["tokens"] = sum(p["tokens"] for p in passes)

@@ -56,9 +56,10 @@ class Online(Protocol):
     old / reference log-probs). The loop calls, per step:
 
         rollout = algorithm.rollout(prompts_dataset, items, step, run)   # this rank's share of `items`
-        for _ in range(algorithm.num_iterations):                       # optimiser passes over it
-            ... make_batch(rollout.dataset, micro, packed) -> forward/backward -> optimizer.step()
-            algorithm.sync_weights(model)                               # the engine generates with the new weights
+        for _ in range(algorithm.num_iterations):                       # passes over it
+            for mini in num_mini_batches contiguous parts of it:         # optional attribute, default 1
+                ... make_batch(rollout.dataset, micro, packed) -> forward/backward -> optimizer.step()
+                algorithm.sync_weights(model)                           # the engine generates with the new weights
 
     `rollout` returns a `rollout.Rollout` (dataset, metrics, per-phase times). `validate(layout, count, run)`
     returns val/* metrics (e.g. the mean reward of generated completions) over the first `count` prompts

@@ -52,6 +52,11 @@ class PromptExample:
 
     num_labels = 0  # nothing of a prompt is scored
 
+    @property
+    def prompt_ids(self) -> np.ndarray:
+        """The prompt's token ids (what generation continues; `generation.validation` reads it)."""
+        return self.ids
+
 
 def prompt_settings(model_cfg, max_prompt_length: int, max_completion_length: int) -> PromptSettings:
     data = model_cfg.data
