@@ -16,8 +16,9 @@ tests/test_ppo_losses.py keeps them equal). What each setting computes: docs/rl_
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from nemo_aligner.config.grpo import GRPODataConfig
 from nemo_aligner.config.sections import (
-    CheckpointParams, DataConfig, ExpManagerConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SchedConfig,
+    CheckpointParams, ExpManagerConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SchedConfig,
     TrainerConfig, _choice,
 )
 
@@ -157,18 +158,6 @@ class PPOTrainerConfig(TrainerConfig):
     ppo: PPOLoopConfig = field(default_factory=PPOLoopConfig)
 
 
-@dataclass
-class PromptDataConfig(DataConfig):
-    """model.data for PPO: prompt files (jsonl / parquet) with a `prompt` column (a string used verbatim, or
-    messages through the chat template); other columns are kept with the rollouts."""
-
-    prompt_key: str = "prompt"  # the column holding the prompt
-
-    def __post_init__(self):
-        super().__post_init__()
-        _choice("model.data.data_impl", self.data_impl, ("jsonl", "parquet"))
-
-
 def _ppo_optim() -> OptimConfig:
     """TRL PPOConfig: one AdamW over actor and critic, lr 3e-6, no weight decay, linear decay."""
     return OptimConfig(lr=3e-6, weight_decay=0.0, betas=[0.9, 0.999],
@@ -178,7 +167,8 @@ def _ppo_optim() -> OptimConfig:
 @dataclass
 class PPOModelConfig(ModelConfig):
     optim: OptimConfig = field(default_factory=_ppo_optim)
-    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    # prompt files exactly as GRPO reads them (model.data.prompt_key; max prompt length: seq_length - max_length)
+    data: GRPODataConfig = field(default_factory=GRPODataConfig)
     ppo: PPOSection = field(default_factory=PPOSection)
 
     def __post_init__(self):
