@@ -29,6 +29,7 @@ class Command:
     config: str | None = None  # Hydra config name under conf/ (None: the command parses its own arguments)
     schema_name: str | None = None  # the ConfigStore name the YAML's defaults list refers to
     demo: bool = False  # conf/demo/<config>.yaml applies to a run with no checkpoint and no data
+    demo_run: str | None = None  # "module:function" run instead of `run` for the demo (e.g. PPO trains its RM first)
 
 
 COMMANDS = {
@@ -42,6 +43,9 @@ COMMANDS = {
     "grpo": Command("GRPO and its family: DAPO, Dr. GRPO, GSPO, BNPO, RLOO, REINFORCE++ (gpt_grpo keys)",
                     "nemo_aligner.config.grpo:GRPORunConfig", "nemo_aligner.recipes.grpo:run_grpo", "gpt_grpo",
                     "grpo_schema", demo=True),
+    "ppo": Command("PPO: actor, reference, reward model and critic in one job (NeMo PPO keys, TRL PPOConfig)",
+                   "nemo_aligner.config.ppo:PPORunConfig", "nemo_aligner.recipes.ppo:run_ppo", "gpt_ppo",
+                   "ppo_schema", demo=True, demo_run="nemo_aligner.cli:ppo_demo"),
     "generate": Command("sample completions for a jsonl of prompts", "nemo_aligner.config.generate:GenerateRunConfig",
                         "nemo_aligner.recipes.generate:run_generate", "generate", "generate_schema"),
     "pack": Command("pack DPO pairs offline (prepare_packed_dpo_dataset.py's keys)",
@@ -54,6 +58,21 @@ COMMANDS = {
 def _load(spec: str):
     module, _, attribute = spec.partition(":")
     return getattr(importlib.import_module(module), attribute)
+
+
+def ppo_demo(cfg) -> dict:
+    """The PPO demo scores with the reward model that the `rm` demo trains: trained first, exactly as
+    `nemo-aligner rm` would (same preset, same log dir), when its hf/ is not there yet; then PPO."""
+    from nemo_aligner.config import RMRunConfig, load_config
+    from nemo_aligner.config.presets import with_preset
+    from nemo_aligner.recipes.ppo import run_ppo
+    from nemo_aligner.recipes.rm import run_rm
+
+    rm_demo = load_config(with_preset({}, CONF_DIR / "demo" / "training_rm.yaml"), RMRunConfig)
+    wanted = Path(cfg.reward_model.restore_from_path)
+    if wanted == Path(rm_demo.exp_manager.explicit_log_dir) / "hf" and not wanted.is_dir():
+        run_rm(rm_demo)
+    return run_ppo(cfg)
 
 
 def version() -> str:
@@ -116,7 +135,10 @@ def _run_hydra(name: str, command: Command, argv: list[str]) -> None:
 
     def main(raw: DictConfig) -> None:
         # demo preset with no checkpoint and no data; one-line user errors (exit 1); exit 75 when stopped to resume
-        main_entry(raw, schema, _load(command.run), demo=demo)
+        from nemo_aligner.config.presets import is_demo_run
+
+        run = command.demo_run if command.demo_run and is_demo_run(raw) else command.run
+        main_entry(raw, schema, _load(run), demo=demo)
 
     main.__module__ = __name__
     sys.argv = [f"nemo-aligner-{name}", *argv]  # Hydra reads the overrides from sys.argv

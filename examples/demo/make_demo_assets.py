@@ -5,7 +5,8 @@ to show learning: each prompt asks for the colour of an object; the chosen answe
 the rejected answer names a wrong one. Validation pairs use the same objects with other phrasings
 and other wrong colours, so validation accuracy rises only if the model learns object -> colour.
 The same pairs are written as DPO rows (dpo_*), SFT conversations (sft_*) and NeMo-Aligner reward-model
-comparison files (rm_comparisons_*: a chosen line, then its rejected line).
+comparison files (rm_comparisons_*: a chosen line, then its rejected line); PPO prompts (ppo_prompts_*) are
+the comparisons' questions as the reward model reads them.
 Deterministic: running it again rewrites identical files.
 
     python examples/demo/make_demo_assets.py
@@ -57,6 +58,12 @@ def comparisons(rows):
     return out
 
 
+def ppo_prompts(rows):
+    """PPO's prompt rows: each comparison's question, once, as the reward model reads it ("Q: ...\nA:")."""
+    questions = dict.fromkeys(r["prompt"][-1]["content"] for r in rows)
+    return [{"prompt": f"Q: {q}\nA:"} for q in questions]
+
+
 def write_jsonl(path: Path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -95,6 +102,8 @@ def main():
     write_jsonl(HERE / "data" / "sft_val.jsonl", sft(val))
     write_jsonl(HERE / "data" / "rm_comparisons_train.jsonl", comparisons(train))
     write_jsonl(HERE / "data" / "rm_comparisons_val.jsonl", comparisons(val))
+    write_jsonl(HERE / "data" / "ppo_prompts_train.jsonl", ppo_prompts(train))
+    write_jsonl(HERE / "data" / "ppo_prompts_val.jsonl", ppo_prompts(val))
     corpus = [SYSTEM] + [t.format(o=o) for t in TRAIN_PROMPTS + VAL_PROMPTS for o in objects]
     corpus += [a.format(o=o, c=c).capitalize() for a in ANSWERS for o in objects for c in COLOURS]
     corpus += ["system", "user", "assistant", "\n"]

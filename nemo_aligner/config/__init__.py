@@ -4,7 +4,7 @@ config against them with errors that name the key. Importing this package does n
     cfg = load_config(raw, DPORunConfig)   # raw: DictConfig / dict from Hydra or YAML
 
 Schemas: `config.sections` (what every recipe shares), `config.dpo`, `config.sft`, `config.rm`, `config.generate`,
-`config.grpo`;
+`config.grpo`, `config.ppo`;
 `config.nemo_compat` lists the NeMo keys that are accepted and ignored.
 """
 
@@ -17,12 +17,13 @@ from nemo_aligner.config import resolvers  # noqa: F401  (registers ${multiply:.
 from nemo_aligner.config.dpo import DPORunConfig
 from nemo_aligner.config.generate import GenerateRunConfig
 from nemo_aligner.config.grpo import GRPORunConfig
+from nemo_aligner.config.ppo import PPORunConfig
 from nemo_aligner.config.rm import RMRunConfig
 from nemo_aligner.config.nemo_compat import strip_nemo_only_keys
 from nemo_aligner.config.sft import SFTRunConfig
 
-__all__ = ["ConfigError", "load_config", "DPORunConfig", "GenerateRunConfig", "GRPORunConfig", "RMRunConfig",
-           "SFTRunConfig"]
+__all__ = ["ConfigError", "load_config", "DPORunConfig", "GenerateRunConfig", "GRPORunConfig", "PPORunConfig",
+           "RMRunConfig", "SFTRunConfig"]
 
 
 class ConfigError(ValueError):

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from nemo_aligner.config import ConfigError, load_config
 from nemo_aligner.config.dpo import DPORunConfig
 from nemo_aligner.config.export import ExportConfig
+from nemo_aligner.config.grpo import GRPORunConfig
 from nemo_aligner.config.rm import RMRunConfig
 from nemo_aligner.config.sft import SFTRunConfig
 from nemo_aligner.models.hf.peft import setup_peft
@@ -30,7 +31,9 @@ from nemo_aligner.training.checkpoint import Checkpointer, read_state
 log = logging.getLogger("nemo_aligner")
 
 # trainer.<section> of a stored config -> (run schema, model task)
-RECIPES = {"dpo": (DPORunConfig, CAUSAL_LM), "sft": (SFTRunConfig, CAUSAL_LM), "rm": (RMRunConfig, SEQUENCE_CLASSIFICATION)}
+# (PPO's checkpoints hold actor and critic in one module: its hf/ and critic/ come from the run itself)
+RECIPES = {"dpo": (DPORunConfig, CAUSAL_LM), "sft": (SFTRunConfig, CAUSAL_LM), "rm": (RMRunConfig, SEQUENCE_CLASSIFICATION),
+           "grpo": (GRPORunConfig, CAUSAL_LM)}
 
 
 def pick_checkpoint(run_dir: Path, which: str) -> Path:

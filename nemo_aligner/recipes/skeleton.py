@@ -241,9 +241,9 @@ def train(start: RunStart, run, algorithm, train_data, val_data, loop_cfg, token
 
 
 def export(start: RunStart, run, tokenizer, step: int) -> Path | None:
-    """hf/ (LoRA: a PEFT adapter folder, or merged) unless the user turned it off
-    (exp_manager.checkpoint_callback_params.save_nemo_on_train_end=false), then finished.json: a rerun of
-    this command has nothing to do (and writes nothing)."""
+    """hf/ (LoRA: a PEFT adapter folder, or merged) and any further models of the run (`run.exports()`: PPO's
+    critic/) unless the user turned it off (exp_manager.checkpoint_callback_params.save_nemo_on_train_end=false),
+    then finished.json: a rerun of this command has nothing to do (and writes nothing)."""
     if not weights_finite(run.model):
         raise NonFiniteError(f"step {step}: the weights hold NaN or inf values; nothing is exported")
     if not start.cfg.exp_manager.checkpoint_callback_params.save_nemo_on_train_end:
@@ -251,8 +251,13 @@ def export(start: RunStart, run, tokenizer, step: int) -> Path | None:
         if start.parallel.is_rank_zero:
             mark_finished(start.log_dir, step, None)
         return None
-    hf_dir = export_hf(start.parallel, run.model, start.log_dir / "hf", tokenizer or start.tokenizer,
-                       start.cfg.model.peft, start.restore, dtype=export_dtype(start.cfg.model, start.restore))
+    tokenizer = tokenizer or start.tokenizer
+    dtype = export_dtype(start.cfg.model, start.restore)
+    hf_dir = export_hf(start.parallel, getattr(run, "actor", run.model), start.log_dir / "hf", tokenizer,
+                       start.cfg.model.peft, start.restore, dtype=dtype)
+    for name, (model, source) in (run.exports() if hasattr(run, "exports") else {}).items():  # PPO: critic/
+        export_hf(start.parallel, model, start.log_dir / name, tokenizer, start.cfg.model.peft, source,
+                  dtype=export_dtype(start.cfg.model, source))
     if start.parallel.is_rank_zero:
         mark_finished(start.log_dir, step, hf_dir)
     return hf_dir
