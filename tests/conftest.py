@@ -9,6 +9,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (tiny models: more threads only thrash on a shared machine), then back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_hf_model(kind: str):
     """A tiny random `transformers` model of one family/variant, in eval mode."""
     import transformers as tf

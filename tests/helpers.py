@@ -57,6 +57,19 @@ def comparable(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in TIMING_KEYS}
 
 
+def assert_same_trajectory(straight: list[dict], resumed: list[dict], steps: int, same_keys: bool = True) -> None:
+    """A resumed run's metrics rows equal a straight run's, step for step (timings aside), to 1e-6."""
+    import pytest
+
+    straight, resumed = [comparable(r) for r in straight], [comparable(r) for r in resumed]
+    assert [r["step"] for r in resumed] == list(range(1, steps + 1))
+    for a, b in zip(straight, resumed):
+        if same_keys:
+            assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], abs=1e-6, rel=0), (a["step"], key)
+
+
 def micro_batch_loss(algorithm, model, batch, num_units: int):
     """(loss, metric sums) of one micro-batch: `model` ending in `algorithm.head()`, then `algorithm.loss`."""
     module = model if isinstance(model, ModelWithHead) else ModelWithHead(model, algorithm.head())

@@ -12,7 +12,7 @@ import torch
 from nemo_aligner.config import ConfigError
 from nemo_aligner.models.hf import load_pretrained
 from nemo_aligner.recipes.dpo import run_dpo
-from tests.helpers import FAST, ROOT, comparable, dpo_config, read_metrics
+from tests.helpers import FAST, ROOT, assert_same_trajectory, comparable, dpo_config, read_metrics
 
 SCRIPT = ROOT / "examples/nlp/gpt/train_gpt_dpo.py"
 NEMO_DPO = ROOT / "tests/data/nemo_aligner_format/dummy-dpo.jsonl"
@@ -77,13 +77,7 @@ def test_resume_continues_the_exact_trajectory(tmp_path):
     run_dpo(dpo_config(tmp_path / "resumed", *common, "trainer.dpo.max_steps=3"))
     result = run_dpo(dpo_config(tmp_path / "resumed", *common, "trainer.dpo.max_steps=6"))
     assert result["resumed"]
-    straight = [comparable(r) for r in read_metrics(tmp_path / "straight")]
-    resumed = [comparable(r) for r in read_metrics(tmp_path / "resumed")]
-    assert [r["step"] for r in resumed] == list(range(1, 7))
-    for a, b in zip(straight, resumed):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert a[key] == pytest.approx(b[key], abs=1e-6, rel=0), (a["step"], key)
+    assert_same_trajectory(read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed"), steps=6)
 
 
 def test_reference_free_loss_skips_the_reference_pass(tmp_path):

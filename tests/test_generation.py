@@ -25,12 +25,7 @@ ALL_KINDS = HF_KINDS + FAMILY_KINDS
 LENGTHS = (5, 13, 3)  # different lengths in one batch; with 12 new tokens the longest passes the 8-token windows
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only thrash (conftest.py)
 
 
 @pytest.fixture(scope="module")

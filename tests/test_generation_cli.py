@@ -24,12 +24,7 @@ MESSAGES = [{"role": "system", "content": "You answer questions about colors."},
             {"role": "user", "content": "Which color does the banana have?"}]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only thrash (conftest.py)
 
 
 @pytest.fixture(scope="module")

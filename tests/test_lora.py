@@ -20,7 +20,7 @@ from nemo_aligner.models.lora import (
     LoRALinear, adapters_disabled, apply_lora, base_weights, is_adapter_key, resolve_target_modules,
 )
 from nemo_aligner.recipes.dpo import run_dpo
-from tests.helpers import DEMO_TRAIN, FAST, comparable, dpo_config, read_metrics
+from tests.helpers import DEMO_TRAIN, FAST, assert_same_trajectory, comparable, dpo_config, read_metrics
 
 LORA = ["model.peft.peft_scheme=lora", "model.peft.lora_tuning.target_modules=[all]",
         "model.peft.lora_tuning.adapter_dim=8", "exp_manager.create_tensorboard_logger=false"]
@@ -235,13 +235,7 @@ def test_resume_with_adapters_continues_the_exact_trajectory(tmp_path):
     run_dpo(dpo_config(tmp_path / "resumed", *common, "trainer.dpo.max_steps=3"))
     result = run_dpo(dpo_config(tmp_path / "resumed", *common, "trainer.dpo.max_steps=6"))
     assert result["resumed"]
-    straight = [comparable(r) for r in read_metrics(tmp_path / "straight")]
-    resumed = [comparable(r) for r in read_metrics(tmp_path / "resumed")]
-    assert [r["step"] for r in resumed] == list(range(1, 7))
-    for a, b in zip(straight, resumed):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert a[key] == pytest.approx(b[key], abs=1e-6, rel=0), (a["step"], key)
+    assert_same_trajectory(read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed"), steps=6)
 
 
 def test_sft_trains_only_adapters_and_exports_them(tmp_path):

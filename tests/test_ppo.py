@@ -275,3 +275,41 @@ def test_entry_script_reports_a_bad_key_in_one_line(tmp_path):
     assert lines == ["config error: model.ppo.num_rollout_samples=24 is not a multiple of model.global_batch_size=16 "
                      "(the mini-batch of one optimiser step)"], out.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_offload_moves_frozen_models_in_for_their_pass_only_and_is_a_no_op_on_cpu(tmp_path, hf_reward_model,
+                                                                                   monkeypatch):
+    """model.ppo.offload_*: on a CPU run the trajectory is the same as without (nothing moves); the moves
+    themselves (recorded) bring the reward model and the reference in for their pass and out after it, and the
+    optimiser's state out for each rollout and back."""
+    import nemo_aligner.models.offload as offload
+    import nemo_aligner.training.optim as optim
+
+    offload_keys = ["model.ppo.offload_adam_states=true", "model.ppo.offload_reference=true",
+                    "model.ppo.offload_reward_model=true"]
+    common = [*FAST, "trainer.ppo.max_steps=2", "model.ppo.kl_coef=0.05"]
+    run(tmp_path / "plain", hf_reward_model[0], *common)
+    run(tmp_path / "offload", hf_reward_model[0], *common, *offload_keys)
+    plain, moved = train_rows(tmp_path / "plain"), train_rows(tmp_path / "offload")
+    math_keys = ("train/loss", "train/objective", "train/policy", "train/val/", "train/grad_norm")  # not timings
+    same = [[{k: v for k, v in r.items() if k.startswith(math_keys)} for r in rows] for rows in (plain, moved)]
+    assert len(plain) == 2 and len(same[0][0]) > 10 and same[0] == same[1]
+
+    calls = []
+    monkeypatch.setattr(offload, "move_module", lambda module, device: calls.append(("module", str(device))))
+    with offload.resident(torch.nn.Linear(2, 2), "cuda"):
+        calls.append(("inside", ""))
+    assert calls == [("module", "cuda"), ("inside", ""), ("module", "cpu")]
+    calls.clear()
+    with pytest.raises(RuntimeError), offload.resident(torch.nn.Linear(2, 2), "cuda"):
+        raise RuntimeError("a failing pass still moves the model out")
+    assert calls == [("module", "cuda"), ("module", "cpu")]
+    calls.clear()
+    with offload.resident(torch.nn.Linear(2, 2), "cpu"):  # a CPU run: nothing moves
+        pass
+    assert calls == []
+    monkeypatch.setattr(optim, "move_optimizer_state", lambda opt, device: calls.append(("state", str(device))))
+    opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())
+    with optim.optimizer_state_on(opt, "meta"):
+        calls.append(("inside", ""))
+    assert calls == [("state", "meta"), ("inside", ""), ("state", "cpu")]

@@ -22,12 +22,7 @@ SEQ_CLS = SEQUENCE_CLASSIFICATION
 PAD = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only thrash (conftest.py)
 
 
 def hf_reward_model(kind: str, pad_token_id: int = PAD):

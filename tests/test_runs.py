@@ -27,7 +27,7 @@ from nemo_aligner.training.checkpoint import Checkpointer, is_complete
 from nemo_aligner.training.guards import NonFiniteError
 from nemo_aligner.training.optim import lr_at, schedule_warning
 from nemo_aligner.training.run_dir import acquire_lock, release_lock
-from tests.helpers import DEMO_DIR, DEMO_TRAIN, DEMO_VAL, DPO_YAML, FAST, ROOT, comparable, dpo_config, read_metrics
+from tests.helpers import DEMO_DIR, DEMO_TRAIN, DEMO_VAL, DPO_YAML, FAST, ROOT, assert_same_trajectory, comparable, dpo_config, read_metrics
 
 SCRIPT = ROOT / "examples/nlp/gpt/train_gpt_dpo.py"
 QUIET = ["exp_manager.create_tensorboard_logger=false"]
@@ -140,12 +140,7 @@ def _assert_stopped_then_resumes_exactly(log_dir, data, straight, out):
     assert not (log_dir / "hf").exists() and not (log_dir / "finished.json").exists()  # no export
     result = run_dpo(dpo_config(log_dir, *RESUMABLE, *data, demo=False))
     assert result["resumed"] and result["steps"] == STEPS
-    resumed = [comparable(r) for r in read_metrics(log_dir)]
-    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
-    for a, b in zip(straight, resumed):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert a[key] == pytest.approx(b[key], abs=1e-6, rel=0), (a["step"], key)
+    assert_same_trajectory(straight, read_metrics(log_dir), STEPS)
     return stopped_at
 
 
@@ -204,11 +199,7 @@ def test_a_second_signal_during_the_save_leaves_the_previous_checkpoint(preempti
     assert [Checkpointer.step_of(p) for p in checkpoints.complete()] == [4]  # step 6 never became complete
     result = run_dpo(dpo_config(tmp_path, *RESUMABLE, *data, demo=False))
     assert result["resumed"]
-    resumed = [comparable(r) for r in read_metrics(tmp_path)]
-    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
-    for a, b in zip(straight, resumed):
-        for key in a:
-            assert a[key] == pytest.approx(b[key], abs=1e-6, rel=0), (a["step"], key)
+    assert_same_trajectory(straight, read_metrics(tmp_path), STEPS, same_keys=False)
 
 
 def test_max_time_stops_like_a_signal_and_the_rerun_continues(preemption, tmp_path):

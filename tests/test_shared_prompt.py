@@ -43,12 +43,7 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only thrash (conftest.py)
 
 
 def _pairs(lengths=LENGTHS, vocab=V, seed=0) -> PreferenceDataset:

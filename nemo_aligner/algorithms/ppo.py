@@ -37,6 +37,7 @@ from nemo_aligner.losses.ppo import (
     apply_missing_eos_penalty, clipped_policy_terms, clipped_value_terms, gae, kl_estimate, masked_sum,
     reduce_ppo_metrics, rollout_metric_sums, token_rewards, whiten_advantages, whiten_rewards,
 )
+from nemo_aligner.models.offload import resident
 from nemo_aligner.rollout import (
     VALIDATION_STREAM, PhaseTimes, Rollout, RolloutBatch, collate_rollout, gather_objects, generate_rollouts,
     per_sequence, rank_share, step_seed,
@@ -185,6 +186,10 @@ class PPOAlgorithm:
         self.forward_micro_batch_size, self.packed, self.pack_size = forward_micro_batch_size, packed, pack_size
         self.critic_loss = CriticLoss(settings)
         self.engine = self.reward_model = self.reference = None
+        # model.ppo.offload_*: set by the recipe; the frozen models wait on the CPU between their passes and the
+        # optimiser's state during the rollout (training.offload; no-ops on a CPU run)
+        self.offload_reference = self.offload_reward_model = self.offload_optimizer_state = False
+        self.device = torch.device("cpu")
         self._step = 0
         self._clock = None  # (when this process's first step began, completions of the steps finished since)
 
@@ -238,7 +243,7 @@ class PPOAlgorithm:
         num_tokens = dp.all_reduce_sum(torch.tensor([float(sum(e.num_labels for e in dataset.examples))])).item()
         times.add_tokens("generation", num_tokens)
         batches = self._micro_batches(dataset)
-        with times.phase("rewards"):
+        with times.phase("rewards"), resident(self.reward_model.module, self.device, self.offload_reward_model):
             scores_S = self.reward_model.score([e.prompt_ids for e in dataset.examples],
                                                [e.completion_ids for e in dataset.examples])
         with times.phase("old_logps"):  # the rollout policy's log-probs, as the training forward computes them
@@ -246,7 +251,8 @@ class PPOAlgorithm:
             for batch, logps_SL in zip(batches, outs):
                 dataset.set_per_token("old_logps", batch.example_indices, logps_SL)
         if self.reference is not None:
-            with times.phase("reference"):
+            frozen = self.reference.module if self.reference.frozen_copy else None  # never the policy itself
+            with times.phase("reference"), resident(frozen, self.device, self.offload_reference):
                 self.reference.fill(dataset, batches, run.executor)
         with times.phase("values"):
             outs = run.critic_values(batches, lambda b, out: per_sequence(out.float(), b)[0])
@@ -314,8 +320,9 @@ class PPOAlgorithm:
         share, first = items[dp.rank * per_rank:(dp.rank + 1) * per_rank], dp.rank * per_rank
         seed = step_seed(self.seed, 0, VALIDATION_STREAM)
         dataset = generate_rollouts(self.engine, layout.dataset, share, first, self.settings.sampling(seed))
-        scores = self.reward_model.score([e.prompt_ids for e in dataset.examples],
-                                         [e.completion_ids for e in dataset.examples])
+        with resident(self.reward_model.module, self.device, self.offload_reward_model):
+            scores = self.reward_model.score([e.prompt_ids for e in dataset.examples],
+                                             [e.completion_ids for e in dataset.examples])
         totals = dp.all_reduce_sum(torch.tensor([float(scores.double().sum()), float(len(scores))],
                                                 dtype=torch.float64))
         return {"objective/scores": float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")}

@@ -101,6 +101,10 @@ class PPOSection(PPOConfig):
     ratio_eps: Optional[float] = None  # NeMo's name of cliprange; when set it is the clip range
     num_val_samples: Optional[int] = None  # validation prompts per validation (val/scores); null = all
     logprob_chunk_size: int = 1024  # tokens per chunk of the output projection (memory vs speed)
+    # memory on an accelerator (no-ops on CPU): the optimiser's state on the CPU during each rollout (NeMo's key)
+    offload_adam_states: bool = False
+    offload_reference: bool = False  # the frozen reference policy on the CPU except during its pass
+    offload_reward_model: bool = False  # the reward model on the CPU except while it scores
     length_params: PPOLengthParams = field(default_factory=PPOLengthParams)
     sampling_params: PPOSamplingParams = field(default_factory=PPOSamplingParams)
 

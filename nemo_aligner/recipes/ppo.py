@@ -15,6 +15,7 @@ from nemo_aligner.data.layout import layout
 from nemo_aligner.data.prompts import PromptDataset, prompt_settings
 from nemo_aligner.generation import Sampler
 from nemo_aligner.generation.prompts import eos_token_ids
+from nemo_aligner.models.offload import move_module
 from nemo_aligner.parallel.actor_critic import ActorCriticRun, check_scoring_folders, load_critic
 from nemo_aligner.recipes.skeleton import build_policy, build_run, log_reports, start_run, train, used_splits
 from nemo_aligner.rewards.reward_model import RewardModel
@@ -50,6 +51,20 @@ def setup_reference(cfg: PPORunConfig, run, algorithm, reference_copy):
     return RolloutReference(run.wrap_frozen(reference_copy, algorithm.head()), frozen_copy=True)
 
 
+def offload(cfg: PPORunConfig, algorithm, device) -> None:
+    """model.ppo.offload_*: the frozen models start on the CPU (moved in for their passes), the optimiser's state
+    leaves the accelerator during rollouts; nothing moves on a CPU run."""
+    ppo = cfg.model.ppo
+    algorithm.device = device
+    algorithm.offload_optimizer_state = ppo.offload_adam_states
+    algorithm.offload_reward_model = ppo.offload_reward_model
+    algorithm.offload_reference = ppo.offload_reference and algorithm.reference is not None and algorithm.reference.frozen_copy
+    for on, module in ((algorithm.offload_reward_model, algorithm.reward_model.module),
+                       (algorithm.offload_reference, algorithm.reference.module if algorithm.offload_reference else None)):
+        if on and device.type != "cpu":
+            move_module(module, "cpu")
+
+
 def run_ppo(cfg: PPORunConfig) -> dict:
     cfg.check_reward_model()
     start = start_run(cfg)
@@ -73,6 +88,7 @@ def run_ppo(cfg: PPORunConfig) -> dict:
     algorithm.reference = setup_reference(cfg, run, algorithm, reference_copy)
     algorithm.reward_model = RewardModel.load(cfg.reward_model.restore_from_path, run=policy_run,
                                               micro_batch_size=ppo.forward_micro_batch_size)
+    offload(cfg, algorithm, start.device)
     algorithm.engine = Sampler.for_run(policy_run, start.tokenizer, eos_token_ids(start.tokenizer, start.restore),
                                        batch_size=ppo.rollout_micro_batch_size, autocast=start.autocast)
     return train(start, run, algorithm, train_data, val_data, cfg.trainer.ppo)

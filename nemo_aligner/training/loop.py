@@ -24,6 +24,7 @@ import torch
 
 from nemo_aligner.parallel.data_parallel import split_for_rank, strided_share
 from nemo_aligner.training.guards import DeadGradientWatch, NonFiniteError, check_finite, weights_finite
+from nemo_aligner.training.optim import optimizer_state_on
 from nemo_aligner.training.protocol import is_online
 from nemo_aligner.training.signals import StopWatch
 
@@ -169,7 +170,10 @@ class Trainer:
         step per mini-batch (algorithm.num_mini_batches contiguous parts of every rank's rollout, default 1),
         the engine's weights synced after each. The schedule advances once per step (the updates share its
         lr); update metrics are averaged, the rollout's and the per-phase times added."""
-        rollout = self.algorithm.rollout(self.train_data.dataset, items, self.state.step, self.run)
+        # offload_optimizer_state (PPO's model.ppo.offload_adam_states): the optimiser's state on the CPU while
+        # the rollout generates and scores (a no-op when training runs on the CPU)
+        with optimizer_state_on(self.optimizer, "cpu", getattr(self.algorithm, "offload_optimizer_state", False)):
+            rollout = self.algorithm.rollout(self.train_data.dataset, items, self.state.step, self.run)
         self.model.train()
         local = list(range(len(rollout.dataset)))
         num_mini = getattr(self.algorithm, "num_mini_batches", 1)

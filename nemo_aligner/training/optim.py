@@ -28,6 +28,7 @@ same as one stepped N times. `scheduler.load_state_dict(saved)` works too: the m
 plain function, so the state holds only counters and base LRs, never the schedule's settings.
 """
 
+import contextlib
 import logging
 import math
 from typing import Iterable
@@ -223,3 +224,27 @@ def lr_curve(settings: dict, max_steps: int) -> str:
     steps = {1, warmup, warmup + 1, warmup + 2, (warmup + max_steps) // 2, max_steps}
     steps = sorted(k for k in steps if 1 <= k <= max_steps)
     return ", ".join(f"step {k}: {lr_at(k - 1, **{**settings, 'max_steps': max_steps}):.3g}" for k in steps)
+
+
+# ------------------------------------------------------------------ optimiser state off the accelerator
+def move_optimizer_state(optimizer: torch.optim.Optimizer, device) -> None:
+    device = torch.device(device)
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.device != device and value.dim() > 0:
+                state[key] = value.to(device, non_blocking=True)
+
+
+@contextlib.contextmanager
+def optimizer_state_on(optimizer, device, enabled: bool = True):
+    """The optimiser's state tensors on `device` inside the block, back where its parameters are after it."""
+    params = [p for group in getattr(optimizer, "param_groups", []) for p in group["params"]]
+    home = params[0].device if params else torch.device("cpu")
+    if optimizer is None or not enabled or torch.device(device) == home:
+        yield
+        return
+    move_optimizer_state(optimizer, device)
+    try:
+        yield
+    finally:
+        move_optimizer_state(optimizer, home)
