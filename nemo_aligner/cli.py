@@ -114,7 +114,10 @@ def run_command(name: str, argv: list[str] | None = None) -> None:
     if wants_help(argv):
         from nemo_aligner.config.describe import help_text
 
-        _print(help_text(_load(command.schema), f"nemo-aligner {name}"))
+        text = help_text(_load(command.schema), f"nemo-aligner {name}")
+        if command.config is None:  # its own arguments (pack's +output_dir, ...) come first, from its docstring
+            text = f"{importlib.import_module(command.run.partition(':')[0]).__doc__.strip()}\n\n{text}"
+        _print(text)
         return
     if command.config is None:
         _load(command.run)(argv)
