@@ -95,6 +95,10 @@ def test_nemo_keys_that_would_change_the_result_are_refused_by_name():
     raw.model.peft.lora_tuning.layer_selection = [1, 2]
     with pytest.raises(ConfigError, match=r"model\.peft\.lora_tuning\.layer_selection=\[1, 2\] is a NeMo setting"):
         load_config(raw, DPORunConfig)
+    # Lightning's trainer.max_steps is an interpolation in NeMo's files; a literal would be lost, so it is refused
+    with pytest.raises(ConfigError, match=r"trainer\.max_steps=100 is not read here .* set trainer\.dpo\.max_steps"):
+        load_config({"trainer": {"max_steps": 100}}, DPORunConfig)
+    assert load_config({"trainer": {"max_steps": 7, "dpo": {"max_steps": 7}}}, DPORunConfig).trainer.dpo.max_steps == 7
 
 
 def _bf16_checkpoint(folder: Path) -> Path:

@@ -19,7 +19,7 @@ from nemo_aligner.config.generate import GenerateRunConfig
 from nemo_aligner.config.grpo import GRPORunConfig
 from nemo_aligner.config.ppo import PPORunConfig
 from nemo_aligner.config.rm import RMRunConfig
-from nemo_aligner.config.nemo_compat import strip_nemo_only_keys
+from nemo_aligner.config.nemo_compat import loop_sections, strip_nemo_only_keys
 from nemo_aligner.config.sft import SFTRunConfig
 
 __all__ = ["ConfigError", "load_config", "DPORunConfig", "GenerateRunConfig", "GRPORunConfig", "PPORunConfig",
@@ -39,7 +39,8 @@ def load_config(raw, schema):
     if isinstance(raw, DictConfig):  # plain values (a Hydra config is typed by the schema); interpolations kept
         raw = OmegaConf.to_container(raw, resolve=False)
     try:
-        raw = strip_nemo_only_keys(OmegaConf.create({k: v for k, v in (raw or {}).items() if k != "hydra"}))
+        raw = strip_nemo_only_keys(OmegaConf.create({k: v for k, v in (raw or {}).items() if k != "hydra"}),
+                                   loop_sections(schema))
         merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
         return OmegaConf.to_object(merged)
     except ConfigKeyError as err:

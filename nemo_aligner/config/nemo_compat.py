@@ -72,9 +72,29 @@ MUST_BE_UNSET = {
 }
 
 
-def strip_nemo_only_keys(raw: DictConfig) -> DictConfig:
+# Lightning-level trainer keys that NeMo's files set to `${.<algorithm>.<key>}`: dropped when they are such an
+# interpolation (or equal the algorithm's value); a literal that differs would be silently lost, so it is an error
+LOOP_MIRRORS = ("trainer.max_epochs", "trainer.max_steps", "trainer.limit_val_batches", "trainer.val_check_interval",
+                "trainer.gradient_clip_val")
+
+
+def _check_mirror(trainer: DictConfig, leaf: str, key: str, loops=()) -> None:
+    node = trainer._get_node(leaf)
+    if node is not None and node._is_interpolation():
+        return
+    value = trainer[leaf]
+    sections = list(loops) or [name for name in trainer.keys() if isinstance(trainer._get_node(name), DictConfig)]
+    ours = [(name, trainer[name].get(leaf)) for name in sections if name in trainer and leaf in trainer[name]]
+    if any(mine == value for _, mine in ours):
+        return
+    where = " or ".join(f"trainer.{name}.{leaf}" for name in sections) or f"trainer.<algorithm>.{leaf}"
+    raise ValueError(f"{key}={value!r} is not read here (NeMo reads the algorithm's own); set {where} instead")
+
+
+def strip_nemo_only_keys(raw: DictConfig, loops=()) -> DictConfig:
     """A copy of `raw` (unresolved) without the NEMO_ONLY_KEYS it holds; each dropped key logged once.
-    ValueError naming the key when one of MUST_BE_UNSET is set."""
+    ValueError naming the key when one of MUST_BE_UNSET is set, or a LOOP_MIRRORS key holds a literal its
+    algorithm's section (`loops`: trainer.dpo, ...) does not."""
     raw = raw.copy()
     dropped = []
     for key, reason in NEMO_ONLY_KEYS.items():
@@ -87,12 +107,23 @@ def strip_nemo_only_keys(raw: DictConfig) -> DictConfig:
                 value = OmegaConf.select(raw, bad, default=None, throw_on_resolution_failure=False)
                 if value not in (None, False, "", [], {}):
                     raise ValueError(f"{bad}={value!r} is a NeMo setting without an equivalent here: {advice}")
+        if key in LOOP_MIRRORS:
+            _check_mirror(parent, leaf, key, loops)
         with open_dict(parent):
             parent.pop(leaf)
         dropped.append(f"{key} ({reason})")
     if dropped:
         log.info("NeMo-only keys accepted and ignored: %s", "; ".join(dropped))
     return raw
+
+
+def loop_sections(schema) -> list[str]:
+    """The trainer.<algorithm> sections of a run schema (dpo, sft, ...): its trainer's dataclass-valued fields."""
+    trainer = next((f for f in dataclasses.fields(schema) if f.name == "trainer"), None)
+    if trainer is None or trainer.default_factory is dataclasses.MISSING:
+        return []
+    value = trainer.default_factory()
+    return [f.name for f in dataclasses.fields(value) if dataclasses.is_dataclass(getattr(value, f.name))]
 
 
 def _lookup(obj, dotted: str):
