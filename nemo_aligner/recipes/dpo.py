@@ -13,11 +13,11 @@ from pathlib import Path
 from nemo_aligner.algorithms.dpo import DPOAlgorithm, DPOSettings
 from nemo_aligner.algorithms.reference import ModelReference, cached_reference, model_identity
 from nemo_aligner.config.dpo import DPORunConfig
-from nemo_aligner.data.layout import DataLayout, layout, packed_layout
+from nemo_aligner.data.layout import DataLayout, packed_layout
 from nemo_aligner.data.preference.dataset import PreferenceDataset, options_from_config
 from nemo_aligner.data.preference.packed_file import load_packed_dataset
 from nemo_aligner.models.hf import config_from_pretrained
-from nemo_aligner.recipes.skeleton import build_policy, build_run, log_reports, start_run, train, used_splits
+from nemo_aligner.recipes.skeleton import build_policy, build_run, log_reports, split_layouts, start_run, train, used_splits
 from nemo_aligner.training.loop import validation_items
 
 log = logging.getLogger("nemo_aligner")
@@ -53,14 +53,9 @@ def load_layouts(cfg: DPORunConfig, tokenizer, shared_prompt: bool = False
             raise ValueError(f"model.data.data_prefix.{split} lists packed files {packed} but "
                              f"model.data.data_impl={data.data_impl}; set model.data.data_impl=packed_jsonl")
     settings, columns, rewards = options_from_config(model)
-    out = []
-    for split in SPLITS:
-        dataset = (PreferenceDataset.from_files(files[split], tokenizer, settings, columns, rewards,
-                                                name=f"model.data.data_prefix.{split}", shared_prompt=shared_prompt)
-                   if files[split] or split == "train" else None)
-        out.append(layout(dataset, packing=data.packing, pack_size=data.pack_size or 2 * model.seq_length,
-                          algorithm=data.packing_algorithm, seed=model.seed, name=split))
-    return tuple(out)
+    return split_layouts(cfg, cfg.trainer.dpo, lambda files, key: PreferenceDataset.from_files(
+        files, tokenizer, settings, columns, rewards, name=key, shared_prompt=shared_prompt),
+        default_pack_size=2 * model.seq_length)
 
 
 def _packed(cfg, tokenizer, files, split, shared_prompt):

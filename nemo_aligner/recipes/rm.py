@@ -9,11 +9,11 @@ a `<Family>ForSequenceClassification` folder (with LoRA: PEFT adapters plus the 
 from nemo_aligner.algorithms.rm import RewardModelAlgorithm, RewardSettings
 from nemo_aligner.config.rm import RMRunConfig
 from nemo_aligner.data.dataset import TokenizeSettings
-from nemo_aligner.data.layout import DataLayout, layout
+from nemo_aligner.data.layout import DataLayout
 from nemo_aligner.data.preference.reward import reward_pairs_from_files
 from nemo_aligner.data.preference.rows import PreferenceColumns
 from nemo_aligner.models.score import SEQUENCE_CLASSIFICATION
-from nemo_aligner.recipes.skeleton import build_policy, build_run, log_reports, start_run, train, used_splits
+from nemo_aligner.recipes.skeleton import build_policy, build_run, log_reports, split_layouts, start_run, train
 
 
 def load_layouts(cfg: RMRunConfig, tokenizer) -> tuple[DataLayout, DataLayout | None, DataLayout | None]:
@@ -24,15 +24,8 @@ def load_layouts(cfg: RMRunConfig, tokenizer) -> tuple[DataLayout, DataLayout | 
                                 chat_template=data.chat_template, add_bos=data.add_bos, add_eos=data.add_eos)
     columns = PreferenceColumns(prompt=data.prompt_key, chosen=data.chosen_key, rejected=data.rejected_key,
                                 input=data.input_key)
-    files = used_splits(cfg, cfg.trainer.rm)
-    out = []
-    for split in ("train", "validation", "test"):
-        dataset = (reward_pairs_from_files(files[split], tokenizer, settings, columns, data.margin_key,
-                                           name=f"model.data.data_prefix.{split}")
-                   if files[split] or split == "train" else None)
-        out.append(layout(dataset, packing=data.packing, pack_size=data.pack_size or 2 * model.seq_length,
-                          algorithm=data.packing_algorithm, seed=model.seed, name=split))
-    return tuple(out)
+    return split_layouts(cfg, cfg.trainer.rm, lambda files, key: reward_pairs_from_files(
+        files, tokenizer, settings, columns, data.margin_key, name=key), default_pack_size=2 * model.seq_length)
 
 
 def run_rm(cfg: RMRunConfig) -> dict:

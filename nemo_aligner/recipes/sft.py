@@ -8,23 +8,17 @@ tokenizer carries the chat template the data was rendered with, so a DPO run sta
 
 from nemo_aligner.algorithms.sft import SFTAlgorithm, SFTSettings
 from nemo_aligner.config.sft import SFTRunConfig
-from nemo_aligner.data.layout import DataLayout, layout
+from nemo_aligner.data.layout import DataLayout
 from nemo_aligner.data.sft.dataset import SFTDataset, options_from_config
-from nemo_aligner.recipes.skeleton import build_policy, build_run, log_reports, start_run, train, used_splits
+from nemo_aligner.recipes.skeleton import build_policy, build_run, log_reports, split_layouts, start_run, train
 
 
 def load_layouts(cfg: SFTRunConfig, tokenizer) -> tuple[DataLayout, DataLayout | None, DataLayout | None]:
     """(train, validation or None, test or None): examples tokenised now, one per item or (model.data.packing)
     packed; only the splits the run uses (no validation with limit_val_batches=0)."""
-    data, model = cfg.model.data, cfg.model
-    settings, columns = options_from_config(model)
-    out = []
-    for split, files in used_splits(cfg, cfg.trainer.sft).items():
-        dataset = (SFTDataset.from_files(files, tokenizer, settings, columns, name=f"model.data.data_prefix.{split}")
-                   if files or split == "train" else None)
-        out.append(layout(dataset, packing=data.packing, pack_size=data.pack_size or model.seq_length,
-                          algorithm=data.packing_algorithm, seed=model.seed, name=split))
-    return tuple(out)
+    settings, columns = options_from_config(cfg.model)
+    return split_layouts(cfg, cfg.trainer.sft, lambda files, key: SFTDataset.from_files(
+        files, tokenizer, settings, columns, name=key), default_pack_size=cfg.model.seq_length)
 
 
 def run_sft(cfg: SFTRunConfig) -> dict:

@@ -38,6 +38,7 @@ from nemo_aligner.config.nemo_compat import log_ignored_keys
 from nemo_aligner.config.presets import is_demo_run, with_preset
 from nemo_aligner.config.sections import LoopConfig, parse_max_time
 from nemo_aligner.data.dataset import files_digest
+from nemo_aligner.data.layout import layout
 from nemo_aligner.data.rows import check_data_files, split_files
 from nemo_aligner.data.tokenizer import Tokenizer
 from nemo_aligner.generation.validation import validation_samples
@@ -170,6 +171,20 @@ def used_splits(cfg, loop_cfg) -> dict[str, list[str]]:
     if loop_cfg.limit_val_batches == 0:
         files["validation"] = []
     return files
+
+
+def split_layouts(cfg, loop_cfg, read, default_pack_size: int) -> tuple:
+    """(train, validation or None, test or None) for the splits this run uses (`used_splits`): `read(files, key)`
+    gives the dataset of train and of every other split that has files; one item per example, or with
+    model.data.packing packed into model.data.pack_size (null: `default_pack_size`) tokens."""
+    data, model = cfg.model.data, cfg.model
+    files = used_splits(cfg, loop_cfg)
+    out = []
+    for split in SPLITS:
+        dataset = read(files[split], f"model.data.data_prefix.{split}") if files[split] or split == "train" else None
+        out.append(layout(dataset, packing=data.packing, pack_size=data.pack_size or default_pack_size,
+                          algorithm=data.packing_algorithm, seed=model.seed, name=split))
+    return tuple(out)
 
 
 def data_metrics(layout) -> dict:
