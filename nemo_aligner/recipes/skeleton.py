@@ -36,6 +36,7 @@ import torch.distributed as dist
 from nemo_aligner.config import ConfigError, load_config
 from nemo_aligner.config.nemo_compat import log_ignored_keys
 from nemo_aligner.config.presets import is_demo_run, with_preset
+from nemo_aligner.config.resolvers import DEMO_ASSETS
 from nemo_aligner.config.sections import LoopConfig, parse_max_time
 from nemo_aligner.data.dataset import files_digest
 from nemo_aligner.data.layout import layout
@@ -73,7 +74,7 @@ NOT_TOKENISATION = ("data_prefix", "data_impl", "num_workers", "shuffle", "packi
 NOT_LOSS = ("chunk_size",)
 ADAPTER_SHAPE = ("target_modules", "adapter_dim", "alpha")
 SPLITS = ("train", "validation", "test")
-DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "demo" / "tokenizer"  # ships in the wheel
+DEMO_TOKENIZER = DEMO_ASSETS / "tokenizer"  # ships in the wheel
 # GPTConfig fields that are not model.* keys of the same name, and where they come from
 DERIVED_GPT_FIELDS = {
     "activations_checkpointing": "model.activations_checkpoint_granularity is not null",
